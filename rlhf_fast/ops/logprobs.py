@@ -1,0 +1,71 @@
+"""Token log-probs (and entropy) straight from hidden states and the LM-head weight."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks, _torch
+from ._backend import resolve
+
+
+def _chunk_size(chunk_size, vocab: int, device) -> int:
+    if chunk_size is None:
+        return _torch.default_chunk_size(vocab, device)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+):
+    """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature), fused.
+
+    Never holds more than ``chunk_size`` x V logits ("torch") or any logits tile in global memory
+    ("triton"); backward recomputes them. Accumulates in fp32 whatever the input dtype.
+
+    Args:
+        hidden: [..., H] float32 / bfloat16 / float16 hidden states.
+        weight: [V, H] LM-head weight, same dtype and device as ``hidden``.
+        labels: [...] int64 (``hidden``'s leading shape), each in [0, V) or ``ignore_index``.
+        bias: optional [V] bias, same dtype.
+        temperature: > 0; logits are divided by it (use the sampling temperature when scoring rollouts).
+        ignore_index: label value whose outputs are 0 and that get no gradient.
+        return_entropy: also return the entropy of the same distribution.
+        backend: "auto" | "torch" | "triton" ("auto": triton on CUDA, torch on CPU).
+        chunk_size: tokens per chunk for the "torch" backend (default: from a memory budget).
+
+    Returns:
+        logprobs [...] float32 in nats (<= 0), or ``(logprobs, entropy)`` with entropy [...] float32 in nats.
+        Differentiable w.r.t. hidden, weight and bias through both outputs.
+
+    Raises:
+        TypeError / ValueError naming the argument for wrong dtypes, shapes, devices, labels out of range,
+        temperature <= 0; RuntimeError if the requested backend cannot run here.
+    """
+    _checks.linear_head(hidden, weight, bias)
+    vocab = weight.shape[0]
+    _checks.labels_for("labels", labels, hidden, vocab, ignore_index)
+    temperature = _checks.positive("temperature", temperature)
+    backend = resolve(backend, "linear_logprobs", hidden.device, ("torch", "triton"))
+    lead = labels.shape
+    h2, l1 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if backend == "triton":
+        from . import _triton
+
+        logprobs, entropy = _triton.linear_logprobs(h2.contiguous(), weight.contiguous(), l1.contiguous(), bias, temperature, ignore_index, return_entropy)
+    else:
+        chunk = _chunk_size(chunk_size, vocab, hidden.device)
+        logprobs, entropy = _torch.linear_logprobs(h2, weight, l1, bias, temperature, ignore_index, return_entropy, chunk)
+    if return_entropy:
+        return logprobs.view(lead), entropy.view(lead)
+    return logprobs.view(lead)

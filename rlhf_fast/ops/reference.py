@@ -1,0 +1,109 @@
+"""Naive reference implementations: full logits, Python loops.
+
+They define what every fused backend must compute. Tests run them on float64 copies of the inputs; the
+trainer's ``kernels: eager`` mode and the benchmarks' "naive" rows run them as they are, in the inputs'
+dtype, the way a plain PyTorch RLHF trainer would. No input checks: call the public ops for those.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    """[..., H] x [V, H] -> materialized logits [..., V] divided by temperature (dtype of the inputs)."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return logits / temperature
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """log_softmax((hidden @ weight.T + bias) / temperature)[labels], 0 where ignored; optionally the entropy (nats)."""
+    logp = torch.log_softmax(linear_logits(hidden, weight, bias, temperature), dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    logprobs = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid
+    if not return_entropy:
+        return logprobs
+    entropy = -(logp.exp() * logp).sum(-1) * valid
+    return logprobs, entropy
+
+
+def linear_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    labels: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Exact KL(pi || pi_ref) per token over the full vocabulary (nats), 0 where labels == ignore_index."""
+    logp = torch.log_softmax(linear_logits(hidden, weight, None, temperature), dim=-1)
+    ref_logp = torch.log_softmax(linear_logits(ref_hidden, ref_weight, None, temperature), dim=-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+    if labels is not None:
+        kl = kl * (labels != ignore_index)
+    return kl
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Schulman (2020) per-token KL estimators with log r = ref_logprobs - logprobs."""
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    if estimator == "abs":
+        return log_r.abs()
+    raise ValueError(f"estimator: expected one of k1, k2, k3, abs, got {estimator!r}")
+
+
+def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """GAE (Schulman et al. 2016) as a Python loop over time steps, vectorized over rows (the common trainer code).
+
+    Masked positions are skipped: the carry (next value, next advantage) passes through them unchanged.
+    """
+    mask = response_mask.to(torch.bool)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(m, adv, torch.zeros_like(adv))
+        next_adv = torch.where(m, adv, next_adv)
+        next_value = torch.where(m, values[:, t], next_value)
+    returns = torch.where(mask, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+def gae_per_row(rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """The textbook recursion run literally on each row's compacted valid positions, then scattered back.
+
+    Slow and obviously right: the test oracle for every GAE backend (and for :func:`gae` above).
+    """
+    advantages = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        idx = response_mask[b].to(torch.bool).nonzero().flatten().tolist()
+        next_value, next_adv = 0.0, 0.0
+        for t in reversed(idx):
+            delta = rewards[b, t].item() + gamma * next_value - values[b, t].item()
+            next_adv = delta + gamma * lam * next_adv
+            next_value = values[b, t].item()
+            advantages[b, t] = next_adv
+    mask = response_mask.to(torch.bool)
+    returns = torch.where(mask, advantages + values, torch.zeros_like(values))
+    return advantages, returns
