@@ -8,7 +8,9 @@ if not os.path.exists("/dev/nvidiactl") and not os.path.exists("/dev/nvidia0"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from rlhf_fast import ops  # noqa: E402
 from rlhf_fast.ops import available_backends  # noqa: E402
+from rlhf_fast.ops.ppo import agg_weights  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -19,6 +21,39 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, atol: float = 1e-7) -> float:
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert torch.isfinite(out).all(), "non-finite output"
     return ((out - ref).norm() / (ref.norm() + atol)).item()
+
+
+def make_inputs(seed, n, h, v, dtype, device="cpu", *, bias=False, scale=1.0, ignore_frac=0.3, lead=None):
+    """Random (hidden [*lead or n, h], weight [v, h], bias [v] or None, labels) with ~ignore_frac labels ignored."""
+    g = torch.Generator().manual_seed(seed)
+    shape = lead or (n,)
+    hidden = (torch.randn(*shape, h, generator=g) * scale).to(dtype)
+    weight = torch.randn(v, h, generator=g).div(h**0.5).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    labels = torch.randint(0, v, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(hidden), to(weight), to(b), to(labels)
+
+
+def leaf(t):
+    """A fresh autograd leaf copy (None stays None)."""
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+def f64(t):
+    """A float64 CPU autograd leaf copy: the reference side of every comparison."""
+    return None if t is None else t.detach().double().cpu().requires_grad_()
+
+
+def composed_ppo_loss(lp, ent, old, adv, mask, *, entropy_coef, ref, kl_coef, kl_estimator, loss_agg, **clip):
+    """What linear_ppo_loss must equal: ppo_policy_loss - entropy bonus + KL penalty, each aggregated as loss_agg."""
+    loss, _ = ops.ppo_policy_loss(lp, old, adv, mask, loss_agg=loss_agg, **clip)
+    w = agg_weights(mask, loss_agg).to(lp.dtype)
+    loss = loss - entropy_coef * (torch.where(mask, ent, 0) * w).sum()
+    if kl_coef:
+        loss = loss + kl_coef * (torch.where(mask, ops.kl_penalty(lp, ref, kl_estimator), 0) * w).sum()
+    return loss
 
 
 def backends_for(*supported: str) -> list[str]:

@@ -4,10 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import backends_for, rel_err
+from conftest import backends_for, composed_ppo_loss, f64, leaf, make_inputs, rel_err
 from rlhf_fast import ops
 from rlhf_fast.ops import reference as R
-from rlhf_fast.ops.ppo import agg_weights
 
 BACKENDS = backends_for("torch", "triton")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -20,24 +19,9 @@ shapes = st.tuples(
 )
 
 
-def make_inputs(seed, lead, n, h, v, dtype, device, *, bias=False, scale=1.0, ignore_frac=0.3):
-    g = torch.Generator().manual_seed(seed)
-    shape = (n,) if lead == 1 else (2, (n + 1) // 2)
-    hidden = (torch.randn(*shape, h, generator=g) * scale).to(dtype)
-    weight = torch.randn(v, h, generator=g).div(h**0.5).to(dtype)
-    b = torch.randn(v, generator=g).to(dtype) if bias else None
-    labels = torch.randint(0, v, shape, generator=g)
-    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return to(hidden), to(weight), to(b), to(labels)
-
-
-def leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_()
-
-
-def f64(t):
-    return None if t is None else t.detach().double().cpu().requires_grad_()
+def make(seed, lead, n, h, v, dtype, **kw):
+    """Inputs of one hypothesis-drawn shape: [n] tokens, or [2, ceil(n/2)] when lead == 2."""
+    return make_inputs(seed, n, h, v, dtype, lead=None if lead == 1 else (2, (n + 1) // 2), **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -45,7 +29,7 @@ def f64(t):
 @settings(max_examples=12, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1), bias=st.booleans(), temperature=st.sampled_from([1.0, 0.05, 2.5]))
 def test_linear_logprobs_matches_reference(backend, dtype, shape, seed, bias, temperature):
-    hidden, weight, b, labels = make_inputs(seed, *shape, dtype, "cpu", bias=bias)
+    hidden, weight, b, labels = make(seed, *shape, dtype, bias=bias)
     h, w, bb = leaf(hidden), leaf(weight), leaf(b)
     logprobs, entropy = ops.linear_logprobs(h, w, labels, bias=bb, temperature=temperature, return_entropy=True, backend=backend, chunk_size=4)
     rh, rw, rb = f64(hidden), f64(weight), f64(b)
@@ -71,7 +55,7 @@ def test_linear_logprobs_matches_reference(backend, dtype, shape, seed, bias, te
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_logprobs_only_logprobs_has_gradients(backend):
-    hidden, weight, _, labels = make_inputs(1, 2, 9, 16, 37, torch.float32, "cpu")
+    hidden, weight, _, labels = make(1, 2, 9, 16, 37, torch.float32)
     h, w = leaf(hidden), leaf(weight)
     out = ops.linear_logprobs(h, w, labels, backend=backend)
     assert isinstance(out, torch.Tensor)
@@ -85,7 +69,7 @@ def test_linear_logprobs_only_logprobs_has_gradients(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_extreme_logits_and_tiny_temperature(backend, dtype):
     # |z| ~ 1e4 (and 1e4 / 0.01 after temperature): a naive exp overflows; log-sum-exp must not.
-    hidden, weight, _, labels = make_inputs(2, 1, 11, 16, 130, dtype, "cpu", scale=1.0, ignore_frac=0.0)
+    hidden, weight, _, labels = make(2, 1, 11, 16, 130, dtype, ignore_frac=0.0)
     hidden = (hidden.float() * 2500).to(dtype)
     for temperature in (1.0, 0.01):
         lp, ent = ops.linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=True, backend=backend)
@@ -97,7 +81,7 @@ def test_extreme_logits_and_tiny_temperature(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored_gives_zeros_and_no_gradient(backend):
-    hidden, weight, b, labels = make_inputs(3, 2, 6, 3, 37, torch.float32, "cpu", bias=True)
+    hidden, weight, b, labels = make(3, 2, 6, 3, 37, torch.float32, bias=True)
     labels[:] = -100
     h, w, bb = leaf(hidden), leaf(weight), leaf(b)
     lp, ent = ops.linear_logprobs(h, w, labels, bias=bb, return_entropy=True, backend=backend)
@@ -107,7 +91,7 @@ def test_all_ignored_gives_zeros_and_no_gradient(backend):
 
 
 def test_chunk_size_does_not_change_the_result():
-    hidden, weight, _, labels = make_inputs(4, 1, 19, 16, 130, torch.float32, "cpu")
+    hidden, weight, _, labels = make(4, 1, 19, 16, 130, torch.float32)
     outs = [ops.linear_logprobs(hidden, weight, labels, backend="torch", chunk_size=c, return_entropy=True) for c in (1, 5, 19, 1000)]
     for lp, ent in outs[1:]:
         assert rel_err(lp, outs[0][0]) <= 1e-6 and rel_err(ent, outs[0][1]) <= 1e-6
@@ -118,7 +102,7 @@ def test_chunk_size_does_not_change_the_result():
 @settings(max_examples=8, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1), temperature=st.sampled_from([1.0, 0.3]), use_labels=st.booleans())
 def test_linear_kl_matches_reference(backend, dtype, shape, seed, temperature, use_labels):
-    hidden, weight, _, labels = make_inputs(seed, *shape, dtype, "cpu")
+    hidden, weight, _, labels = make(seed, *shape, dtype)
     ref_hidden = (hidden.float() + 0.5 * torch.randn(hidden.shape)).to(dtype)
     ref_weight = (weight.float() + 0.1 * torch.randn(weight.shape)).to(dtype)
     labels = labels if use_labels else None
@@ -138,18 +122,9 @@ def test_linear_kl_matches_reference(backend, dtype, shape, seed, temperature, u
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_kl_of_identical_policies_is_zero(backend):
-    hidden, weight, _, _ = make_inputs(5, 1, 8, 16, 37, torch.float32, "cpu")
+    hidden, weight, _, _ = make(5, 1, 8, 16, 37, torch.float32)
     kl = ops.linear_kl(hidden, weight, hidden.clone(), weight.clone(), backend=backend)
     assert kl.abs().max() <= 1e-6
-
-
-def composed_ppo_loss(lp, ent, old, adv, mask, *, entropy_coef, ref, kl_coef, kl_estimator, loss_agg, **clip):
-    loss, _ = ops.ppo_policy_loss(lp, old, adv, mask, loss_agg=loss_agg, **clip)
-    w = agg_weights(mask, loss_agg).to(lp.dtype)
-    loss = loss - entropy_coef * (torch.where(mask, ent, 0) * w).sum()
-    if kl_coef:
-        loss = loss + kl_coef * (torch.where(mask, ops.kl_penalty(lp, ref, kl_estimator), 0) * w).sum()
-    return loss
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -95,7 +95,7 @@ def test_gae_errors():
         ops.gae(r, v, m, lam=-0.1)
     bad = r.clone()
     bad[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="rewards: non-finite"):
+    with pytest.raises(ValueError, match="rewards/values: non-finite"):
         ops.gae(bad, v, m)
     m2 = m.clone()
     m2[1, 2] = False

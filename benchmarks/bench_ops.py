@@ -1,0 +1,363 @@
+"""Benchmark of the fused ops against the naive path and the best alternatives.
+
+    python benchmarks/bench_ops.py --device cpu  --tokens 8192 --hidden 576 --vocab 49152
+    python benchmarks/bench_ops.py --device cuda                       # issue-3 shapes, bf16
+
+Rows: linear log-probs forward and forward+backward (naive materialized logits, torch.compile'd naive,
+each rlhf_fast backend, Liger-Kernel and Cut Cross-Entropy when installed), single-pass PPO vs
+linear_logprobs + ppo_policy_loss, and GAE vs the Python loop over time steps. Each variant reports the
+median time and the peak extra memory over its inputs (CUDA: allocator peak; CPU: peak RSS of a fresh
+subprocess per variant, since the CPU allocator keeps no statistics). A table is printed and everything is
+written as JSON to benchmarks/results/ with the machine, versions, commit and shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.ops import reference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------ environment
+def environment(device: str) -> dict:
+    def git(*args):
+        try:
+            return subprocess.check_output(["git", *args], cwd=Path(__file__).parent, text=True, stderr=subprocess.DEVNULL).strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "backends": list(ops.available_backends()),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# ------------------------------------------------------------------ timing and memory
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device: str, reps: int, warmup: int = 1) -> dict:
+    """Median seconds over ``reps`` calls and peak extra memory (bytes) over the inputs already allocated.
+
+    CPU: the growth of this process's peak RSS, meaningful because each case runs in a fresh process.
+    """
+    base_rss = maxrss_bytes()
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated() - base
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    if device != "cuda":
+        peak = maxrss_bytes() - base_rss
+    return {"time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": peak}
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------ linear log-prob variants
+def logprob_inputs(n, h, v, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g).to(device)
+    return hidden, weight, labels
+
+
+def naive_logprobs(hidden, weight, labels):
+    # what a plain trainer does: full logits in fp32 -> log_softmax -> gather
+    logits = (hidden @ weight.T).float()
+    return torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+def logprob_variant(name: str, device: str):
+    """fn(hidden, weight, labels) -> per-token log-probs [N], or None if unavailable here."""
+    if name == "naive":
+        return naive_logprobs
+    if name == "naive-compile":
+        return torch.compile(naive_logprobs)
+    if name in ("torch", "triton"):
+        if name not in ops.available_backends() or (name == "triton" and device != "cuda"):
+            return None
+        return lambda h, w, y: ops.linear_logprobs(h, w, y, backend=name)
+    if name == "liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            return None
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        return lambda h, w, y: -loss(w, h, y)
+    if name == "cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError:
+            return None
+        return lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none")
+    raise ValueError(name)
+
+
+def run_logprobs(name, mode, n, h, v, dtype, device, reps):
+    fn = logprob_variant(name, device)
+    if fn is None:
+        return None
+    hidden, weight, labels = logprob_inputs(n, h, v, dtype, device)
+    g = torch.randn(n, device=device)
+
+    def step():
+        out = fn(hidden, weight, labels)
+        if mode == "fwd+bwd":
+            hidden.grad = weight.grad = None
+            out.float().backward(g)
+
+    if mode == "fwd":
+        with torch.no_grad():
+            return measure(step, device, reps)
+    return measure(step, device, reps)
+
+
+# ------------------------------------------------------------------ PPO: single pass vs two ops
+def run_ppo(name, n, h, v, dtype, device, reps):
+    backend = name.split(":")[1]
+    if backend not in ops.available_backends() or (backend == "triton" and device != "cuda"):
+        return None
+    hidden, weight, labels = logprob_inputs(n, h, v, dtype, device)
+    b = 8 if n % 8 == 0 else 1
+    hidden3, labels2 = hidden.detach().view(b, n // b, h).requires_grad_(), labels.view(b, n // b)
+    with torch.no_grad():
+        old = ops.linear_logprobs(hidden3, weight, labels2, backend=backend) + 0.05 * torch.randn(b, n // b, device=device)
+    adv = torch.randn(b, n // b, device=device)
+    mask = torch.rand(b, n // b, device=device) < 0.9
+
+    def single():
+        hidden3.grad = weight.grad = None
+        loss, _ = ops.linear_ppo_loss(hidden3, weight, labels2, old, adv, mask, entropy_coef=0.01, backend=backend)
+        loss.backward()
+
+    def two_ops():
+        hidden3.grad = weight.grad = None
+        lp, ent = ops.linear_logprobs(hidden3, weight, labels2, return_entropy=True, backend=backend)
+        loss, _ = ops.ppo_policy_loss(lp, old, adv, mask)
+        (loss - 0.01 * ops.masked_mean(ent, mask)).backward()
+
+    return measure(single if name.startswith("ppo-single") else two_ops, device, reps)
+
+
+# ------------------------------------------------------------------ GAE
+def gae_fn(name, b, t, device):
+    """A no-argument GAE call on fresh inputs, or None if the variant cannot run here."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rewards, values = torch.randn(b, t, generator=g).to(device), torch.randn(b, t, generator=g).to(device)
+    mask = (torch.rand(b, t, generator=g) < 0.9).to(device)
+    if name == "python-loop":
+        return lambda: reference.gae(rewards, values, mask, 1.0, 0.95)
+    if name not in ops.available_backends() or (name == "triton" and device != "cuda") or (name == "cpp" and device != "cpu"):
+        return None
+    return lambda: ops.gae(rewards, values, mask, backend=name)
+
+
+def run_gae(name, b, t, device, reps):
+    fn = gae_fn(name, b, t, device)
+    return None if fn is None else measure(fn, device, reps)
+
+
+def run_case(case: dict, device: str, reps: int):
+    kind = case["kind"]
+    if kind == "logprobs":
+        return run_logprobs(case["variant"], case["mode"], case["n"], case["h"], case["v"], DTYPES[case["dtype"]], device, reps)
+    if kind == "ppo":
+        return run_ppo(case["variant"], case["n"], case["h"], case["v"], DTYPES[case["dtype"]], device, reps)
+    return run_gae(case["variant"], case["b"], case["t"], device, reps)
+
+
+def run_isolated(case: dict, device: str, reps: int):
+    """CPU: run one case in a fresh interpreter so that its peak RSS is its own."""
+    cmd = [sys.executable, __file__, "--_worker", json.dumps(case), "--device", device, "--reps", str(reps)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def worker(case: dict, device: str, reps: int):
+    print(json.dumps(run_case(case, device, reps)))
+
+
+# ------------------------------------------------------------------ CUDA ceilings
+def cuda_ceilings() -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = measure(lambda: a @ b, "cuda", reps=20, warmup=3)["time_s"]
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    cp = measure(lambda: y.copy_(x), "cuda", reps=20, warmup=3)["time_s"]
+    return {"bf16_matmul_tflops": 2 * 8192**3 / mm / 1e12, "copy_bandwidth_gbs": 2 * x.numel() / cp / 1e9}
+
+
+def flops(case: dict) -> float | None:
+    if case["kind"] == "logprobs":
+        passes = 1 if case["mode"] == "fwd" else (3 if case["variant"] in ("naive", "naive-compile", "liger") else 4)
+    elif case["kind"] == "ppo":
+        passes = 3 if case["variant"].startswith("ppo-single") else 4
+    else:
+        return None
+    return 2.0 * passes * case["n"] * case["h"] * case["v"]
+
+
+# ------------------------------------------------------------------ main
+def build_cases(args) -> list[dict]:
+    cases = []
+    variants = ["naive", "naive-compile", "torch", "triton", "liger", "cce"] if args.device == "cuda" else ["naive", "torch"]
+    if args.compile and args.device == "cpu":
+        variants.insert(1, "naive-compile")
+    modes = ["fwd", "fwd+bwd"] if args.device == "cuda" else ["fwd+bwd"]
+    for n in args.tokens:
+        for v in args.vocab:
+            for mode in modes:
+                for var in variants:
+                    cases.append({"kind": "logprobs", "variant": var, "mode": mode, "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
+            for backend in ("torch", "triton") if args.ppo else ():
+                for var in ("ppo-single", "ppo-two-op"):
+                    cases.append({"kind": "ppo", "variant": f"{var}:{backend}", "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
+    gae_variants = ["python-loop", "cuda", "triton"] if args.device == "cuda" else ["python-loop", "torch", "cpp"]
+    for var in gae_variants:
+        cases.append({"kind": "gae", "variant": var, "b": args.gae_rows, "t": args.gae_steps})
+    return cases
+
+
+def fmt_bytes(b):
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def print_table(rows, ceilings):
+    print(f"\n{'op':<10} {'variant':<16} {'mode':<8} {'shape':<26} {'time':>10} {'peak extra':>12} {'TFLOP/s':>8} {'% mm':>6}  ratio")
+    baseline = {}
+    for r in rows:
+        c, res = r["case"], r["result"]
+        key = (c["kind"], c.get("mode"), c.get("n"), c.get("v"), c.get("b"))
+        shape = f"N={c['n']} H={c['h']} V={c['v']}" if "n" in c else f"B={c['b']} T={c['t']}"
+        if res is None or "error" in res:
+            print(f"{c['kind']:<10} {c['variant']:<16} {c.get('mode', ''):<8} {shape:<26} {'n/a' if res is None else 'error: ' + res['error'][:40]:>10}")
+            continue
+        baseline.setdefault(key, res)
+        tf = f"{r['tflops']:.2f}" if r.get("tflops") else "-"
+        pct = f"{100 * r['tflops'] / ceilings['bf16_matmul_tflops']:.0f}" if r.get("tflops") and ceilings else "-"
+        ratio = baseline[key]["time_s"] / res["time_s"]
+        mem = res["peak_extra_bytes"]
+        base_mem = baseline[key]["peak_extra_bytes"]
+        mem_ratio = f" mem {mem / base_mem:.2f}x" if mem is not None and base_mem else ""
+        print(f"{c['kind']:<10} {c['variant']:<16} {c.get('mode', ''):<8} {shape:<26} {res['time_s'] * 1e3:>8.1f}ms {fmt_bytes(mem):>12} {tf:>8} {pct:>6}  {ratio:.2f}x speed{mem_ratio}")
+    print("(ratio: speed and memory relative to the first row of the same op/mode/shape)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokens", type=int, nargs="+", help="N (default: cpu 8192; cuda 4096 16384)")
+    p.add_argument("--hidden", type=int, help="H (default: cpu 576; cuda 4096)")
+    p.add_argument("--vocab", type=int, nargs="+", help="V (default: cpu 49152; cuda 128256 151936)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: cpu fp32, cuda bf16")
+    p.add_argument("--gae-rows", type=int, help="GAE B (default: cpu 64; cuda 256)")
+    p.add_argument("--gae-steps", type=int, help="GAE T (default: cpu 1024; cuda 4096)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default: cpu 3, cuda 20)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd naive on CPU (slow to compile)")
+    p.add_argument("--ppo", action=argparse.BooleanOptionalAction, default=None, help="single-pass PPO vs two ops (default: on for cuda)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/bench_ops_<device>_<date>.json)")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if args.reps is None:
+        args.reps = 20 if cuda else 2
+    if args._worker:
+        return worker(json.loads(args._worker), args.device, args.reps)
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible")
+    args.ppo = cuda if args.ppo is None else args.ppo
+    args.tokens = args.tokens or ([4096, 16384] if cuda else [8192])
+    args.hidden = args.hidden or (4096 if cuda else 576)
+    args.vocab = args.vocab or ([128256, 151936] if cuda else [49152])
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.gae_rows = args.gae_rows or (256 if cuda else 64)
+    args.gae_steps = args.gae_steps or (4096 if cuda else 1024)
+
+    env = environment(args.device)
+    ceilings = cuda_ceilings() if cuda else None
+    rows = []
+    for case in build_cases(args):
+        print(f"running {case}", file=sys.stderr, flush=True)
+        if cuda:
+            try:
+                res = run_case(case, "cuda", args.reps)
+            except Exception as e:  # a failing competitor must not sink the whole table
+                res = {"error": f"{type(e).__name__}: {e}"}
+            torch.cuda.empty_cache()
+        else:
+            res = run_isolated(case, "cpu", args.reps)
+        row = {"case": case, "result": res}
+        f = flops(case)
+        if f and res and "time_s" in res:
+            row["tflops"] = f / res["time_s"] / 1e12
+        if case["kind"] == "gae" and ceilings and res and "time_s" in res:
+            bytes_moved = case["b"] * case["t"] * (4 + 4 + 1 + 4 + 4)  # read r, v, mask; write adv, ret
+            row["bandwidth_time_s"] = bytes_moved / (ceilings["copy_bandwidth_gbs"] * 1e9)
+        rows.append(row)
+    print_table(rows, ceilings)
+    out = args.out or RESULTS / f"bench_ops_{args.device}_{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": env, "ceilings": ceilings, "args": {k: v for k, v in vars(args).items() if k not in ("_worker", "out")}, "rows": rows}, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Shared pieces of the Triton kernels: interpreter detection, launch configs, the logits-tile GEMM loop."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (the CPU interpreter: sequential programs, numpy arithmetic)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
+    """Autotune candidates on a GPU; one small fixed config under the interpreter (nothing to tune, and slow)."""
+    return [interp] if interpreting() else gpu
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; a nominal 4 under the interpreter (keeps grids small)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_flags(dtype: torch.dtype) -> tuple[bool, bool]:
+    """(DOT_F32, IEEE) constexprs for :func:`logits_tile`.
+
+    On the GPU, bf16/fp16 tiles go to the tensor cores as they are (fp32 accumulator); fp32 tiles use the
+    exact "ieee" dot rather than tf32, so fp32 inputs give fp32-accurate results. The interpreter computes
+    bf16 products wrongly, so there every tile is widened to fp32 first.
+    """
+    return interpreting() or dtype == torch.float32, interpreting() or dtype == torch.float32
+
+
+@triton.jit
+def grouped_pid(pid, num_rows, num_cols, GROUP: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP row tiles at a time (the usual L2-friendly GEMM order).
+
+    Programs in flight together then share a few row tiles (hidden rows) and a band of column tiles
+    (weight rows), so both stay in L2 instead of being streamed from HBM once per program.
+    """
+    width = GROUP * num_cols
+    first = (pid // width) * GROUP
+    size = tl.minimum(num_rows - first, GROUP)
+    return first + (pid % width) % size, (pid % width) // size
+
+
+@triton.jit
+def logits_tile(
+    h_ptr, w_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_w,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """fp32 [BLOCK_N, BLOCK_V] tile of hidden[rows] @ weight[cols].T, reduced over K in BLOCK_K steps.
+
+    Out-of-range rows/cols load zeros (their logits are 0, masked by the caller). Offsets are int64: V * H
+    exceeds 2**31 for large heads.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(h_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    return acc

@@ -1,0 +1,137 @@
+"""Single-pass engine for a per-token loss on linear log-probs (the PPO loss): value and gradients together.
+
+Per chunk of C tokens (Liger-style bounded buffer, C x V fp32 logits + C x V dz in the input dtype):
+  1. the forward kernel of linear_logprobs.py runs with STORE_LOGITS: a GEMM pass that also leaves the
+     online (m, s, t) partials, so log-probs and entropies follow from a tiny reduction;
+  2. the caller's ``token_grads`` turns them into the chunk's loss and per-token dloss/dlogprob, dloss/dentropy;
+  3. an elementwise kernel reads the stored logits and writes dz = dloss/dlogits (no recompute);
+  4. dhidden[chunk] = dz @ weight and dweight += dz.T @ hidden[chunk] (fp32 accumulator across chunks).
+So forward + backward is 3 matmul passes of N*H*V (logits, dhidden, dweight) rather than 4, and the
+autograd backward only scales the stored gradients. Every output element has one writer per chunk and
+chunks run in order: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import configs, interpreting
+from .linear_logprobs import combine_stats, launch_stats, logprob_entropy_grad
+from .matmul import matmul_acc
+
+# Bytes of the two [C, V] buffers together; small under the interpreter so the tests span several chunks.
+_CHUNK_BUFFER_BYTES = (32 << 10) if interpreting() else (1 << 30)
+
+_ELEMENTWISE_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_N": 16, "BLOCK_V": 512}, num_warps=8),
+        triton.Config({"BLOCK_N": 8, "BLOCK_V": 1024}, num_warps=8),
+        triton.Config({"BLOCK_N": 32, "BLOCK_V": 256}, num_warps=4),
+    ],
+    triton.Config({"BLOCK_N": 16, "BLOCK_V": 32}, num_warps=4),
+)
+
+
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["V", "ENTROPY"])
+@triton.jit
+def _dlogits_from_logits_kernel(
+    z_ptr, labels_ptr, m_ptr, logs_ptr, ent_ptr, g_ptr, gent_ptr, out_ptr,
+    N, V, stride_z, stride_out, inv_temp,
+    ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """out = d(g . logprob + g_ent . entropy)/dlogits / T from the stored tempered logits (one writer per element)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask, col_mask = rows < N, cols < V
+    mask = row_mask[:, None] & col_mask[None, :]
+    z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+    log_s = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    if ENTROPY:
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        g_ent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
+    else:
+        ent = m
+        g_ent = g
+    dz = logprob_entropy_grad(z, cols, labels, m, log_s, ent, g, g_ent, ENTROPY) * inv_temp
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], dz.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def default_chunk(vocab: int, elem_bytes: int) -> int:
+    """Tokens per chunk so that the two [C, V] buffers fit _CHUNK_BUFFER_BYTES (a multiple of 128 when >= 128)."""
+    c = max(1, _CHUNK_BUFFER_BYTES // (vocab * (4 + elem_bytes)))
+    return c // 128 * 128 if c >= 128 else c
+
+
+def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_index: int, token_grads,
+                      need_entropy: bool, chunk_size: int | None, need_dh: bool, need_dw: bool, need_db: bool):
+    """Loss of per-token terms on log_softmax((hidden @ weight.T + bias) * inv_temp)[labels], with its gradients.
+
+    Args:
+        hidden [N, H], weight [V, H] (one dtype), labels [N] int64 (valid or ignore_index), bias [V] or None.
+        token_grads(logprobs [n], entropy [n] | None, start, end) -> (loss 0-d fp32, g_lp [n], g_ent [n] | None):
+            the chunk's summed loss and its gradients w.r.t. the chunk's log-probs / entropies (ignored tokens
+            arrive as 0 and their gradients are dropped).
+        chunk_size: tokens per chunk (None: from the buffer budget).
+    Returns:
+        (loss 0-d fp32, logprobs [N] fp32, entropy [N] fp32 or None, dhidden, dweight, dbias) with the gradients
+        of loss in the inputs' dtypes (None where not needed).
+    """
+    n, _ = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    chunk = chunk_size or default_chunk(v, hidden.element_size())
+    chunk = max(1, min(chunk, n))
+    valid = labels != ignore_index
+    logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
+    entropy = torch.zeros(n, dtype=torch.float32, device=dev) if need_entropy else None
+    loss = torch.zeros((), dtype=torch.float32, device=dev)
+    dh = torch.empty_like(hidden) if need_dh else None
+    single = chunk >= n
+    dw = dw32 = None
+    if need_dw:
+        dw = torch.empty_like(weight) if single else None
+        dw32 = None if single else torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+    db32 = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
+    if n == 0:
+        return (loss, logprobs, entropy, dh, torch.zeros_like(weight) if need_dw else None,
+                None if db32 is None else db32.to(bias.dtype))
+    zbuf = torch.empty(chunk, v, dtype=torch.float32, device=dev)
+    dbuf = torch.empty(chunk, v, dtype=hidden.dtype, device=dev)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        h_c, lab_c, ok = hidden[c0:c1], labels[c0:c1], valid[c0:c1]
+        z = zbuf[: c1 - c0]
+        part = launch_stats(h_c, weight, bias, lab_c, inv_temp, need_entropy, logits=z)
+        lp, ent, m, log_s = combine_stats(part, ok, need_entropy)
+        loss_c, g_lp, g_ent = token_grads(lp, ent, c0, c1)
+        loss += loss_c
+        logprobs[c0:c1] = lp
+        if need_entropy:
+            entropy[c0:c1] = ent
+        if not (need_dh or need_dw or need_db):
+            continue
+        g = (g_lp.float() * ok).contiguous()
+        ge = None if (g_ent is None or not need_entropy) else (g_ent.float() * ok).contiguous()
+        d = dbuf[: c1 - c0]
+        grid = lambda meta: (triton.cdiv(c1 - c0, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))  # noqa: E731
+        _dlogits_from_logits_kernel[grid](
+            z, lab_c, m, log_s, ent if ge is not None else m, g, ge if ge is not None else g, d,
+            c1 - c0, v, z.stride(0), d.stride(0), inv_temp, ENTROPY=ge is not None,
+        )
+        if need_dh:
+            torch.mm(d, weight, out=dh[c0:c1])
+        if need_dw:
+            if single:
+                torch.mm(d.T, h_c, out=dw)
+            else:
+                matmul_acc(dw32, d.T, h_c)
+        if need_db:
+            db32 += d.sum(0, dtype=torch.float32)
+    if dw32 is not None:
+        dw = dw32.to(weight.dtype)
+    db = None if db32 is None else db32.to(bias.dtype)
+    return loss, logprobs, entropy, dh, dw, db

@@ -1,0 +1,118 @@
+"""Exact per-token KL(pi || pi_ref) over the full vocabulary, with neither logits tensor in global memory.
+
+pi = softmax(hidden @ weight.T / T), pi_ref = softmax(ref_hidden @ ref_weight.T / T). One pass over the
+vocabulary tiles computes both logits tiles and keeps, per token, the online (m, s) of each log-sum-exp and
+t = sum e^(z - m) (z - z_ref), rescaled like s. Then
+  KL = sum_v p_v (log p_v - log q_v) = t / s - (m - m_ref) - (log s - log s_ref),
+written so that large common logit offsets cancel before they meet small terms. The grid, the split
+reduction and the backward (dKL/dz = p (log p - log q - KL), recomputed tile by tile) follow
+linear_logprobs.py; the reference side gets no gradient.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_flags, grouped_pid, logits_tile
+from .linear_logprobs import _GEMM_CONFIGS, head_grads, launch_dlogits, vocab_splits
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["H", "HR", "V", "DOT_F32", "REF_DOT_F32"])
+@triton.jit
+def _kl_stats_kernel(
+    h_ptr, w_ptr, rh_ptr, rw_ptr, part_ptr,
+    N, V, H, HR, v_per_split, n_splits, inv_temp, stride_h, stride_w, stride_rh, stride_rw,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr, REF_DOT_F32: tl.constexpr, REF_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """Per (token tile, vocab split): (m, s, t) of the policy and (m, s) of the reference, to part [5, splits, N]."""
+    pid_n, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(V, v_lo + v_per_split)
+
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    rm = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    rs = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_hi
+        z = logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32, IEEE) * inv_temp
+        zr = logits_tile(rh_ptr, rw_ptr, rows, cols, row_mask, col_mask, HR, stride_rh, stride_rw,
+                         BLOCK_N, BLOCK_V, BLOCK_K, REF_DOT_F32, REF_IEEE) * inv_temp
+        diff = z - zr  # finite everywhere (padding loads zeros); masked below
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        zr = tl.where(col_mask[None, :], zr, float("-inf"))
+        # >= 1 in-range column per tile: both new maxima are finite.
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        s = alpha * s + tl.sum(e, axis=1)
+        t = alpha * t + tl.sum(tl.where(col_mask[None, :], e * diff, 0.0), axis=1)
+        m = m_new
+        rm_new = tl.maximum(rm, tl.max(zr, axis=1))
+        rs = tl.exp(rm - rm_new) * rs + tl.sum(tl.exp(zr - rm_new[:, None]), axis=1)
+        rm = rm_new
+
+    base = part_ptr + pid_s * N + rows
+    q = n_splits * N
+    tl.store(base, m, mask=row_mask)
+    tl.store(base + q, s, mask=row_mask)
+    tl.store(base + 2 * q, t, mask=row_mask)
+    tl.store(base + 3 * q, rm, mask=row_mask)
+    tl.store(base + 4 * q, rs, mask=row_mask)
+
+
+def _lse_parts(m_i, s_i):
+    m = m_i.amax(0)
+    w = torch.exp(m_i - m)
+    s = (w * s_i).sum(0)
+    return m, s, w
+
+
+def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, inv_temp: float):
+    """hidden [N, H], weight [V, H] (one dtype), ref_hidden [N, Hr], ref_weight [V, Hr] (one dtype), valid [N] bool.
+
+    Returns (kl, m, log_s, ref_m, ref_log_s), all [N] fp32; kl is 0 where not valid. The rest feed the backward.
+    """
+    n, h = hidden.shape
+    v = weight.shape[0]
+    if n == 0:
+        z = hidden.new_zeros(0, dtype=torch.float32)
+        return z, z, z, z, z
+    n_splits, per_split = vocab_splits(n, v, hidden.device)
+    part = torch.empty(5, n_splits, n, dtype=torch.float32, device=hidden.device)
+    dot_f32, ieee = dot_flags(hidden.dtype)
+    ref_dot_f32, ref_ieee = dot_flags(ref_hidden.dtype)  # the reference model may run in another dtype
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)  # noqa: E731
+    _kl_stats_kernel[grid](
+        hidden, weight, ref_hidden, ref_weight, part, n, v, h, ref_hidden.shape[1], per_split, n_splits, inv_temp,
+        hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), DOT_F32=dot_f32, IEEE=ieee,
+        REF_DOT_F32=ref_dot_f32, REF_IEEE=ref_ieee,
+    )
+    m_i, s_i, t_i, rm_i, rs_i = part.unbind(0)
+    m, s, w = _lse_parts(m_i, s_i)
+    rm, rs, _ = _lse_parts(rm_i, rs_i)
+    log_s, ref_log_s = torch.log(s), torch.log(rs)
+    kl = ((w * t_i).sum(0) / s - (m - rm) - (log_s - ref_log_s)) * valid
+    return kl, m, log_s, rm, ref_log_s
+
+
+def linear_kl_bwd(hidden, weight, ref_hidden, ref_weight, valid, kl, m, log_s, ref_m, ref_log_s, g_kl,
+                  inv_temp: float, need_dh: bool, need_dw: bool):
+    """Gradients of sum(g_kl * kl) w.r.t. hidden and weight (inputs' dtypes; None where not needed)."""
+    if hidden.shape[0] == 0:
+        return (torch.zeros_like(hidden) if need_dh else None, torch.zeros_like(weight) if need_dw else None)
+    g = (g_kl.float() * valid).contiguous()
+    ref = (ref_hidden, ref_weight, ref_m, ref_log_s)
+
+    def fill(buf, v0, v1):
+        launch_dlogits(buf, v0, v1, hidden, weight, None, None, m, log_s, kl, g, None, inv_temp, ref=ref)
+
+    dh, dw, _ = head_grads(hidden, weight, fill, need_dh, need_dw, False)
+    return dh, dw

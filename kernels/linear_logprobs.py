@@ -1,0 +1,321 @@
+"""Fused linear log-probs + entropy: logits = (hidden @ weight.T + bias) / T, never written to global memory.
+
+Forward (``linear_logprobs_fwd``): a grid over (token tile, vocabulary split). Each program streams its
+split's vocabulary tiles through a GEMM main loop and keeps an online log-sum-exp on-chip: per token the
+running max m, s = sum exp(z - m), and, only when entropy is asked for, t = sum exp(z - m) (z - m); it
+also picks out the label's logit. The few floats per (split, token) go to a small [4, splits, N] buffer
+that a deterministic reduction over splits turns into lse, log-prob and entropy (splitting the vocabulary
+is what gives small batches enough programs; no atomics, so the result does not depend on scheduling).
+
+Backward (``linear_logprobs_bwd``, shared with linear_kl through ``head_grads``): the vocabulary is cut
+into chunks of Vc columns. For each chunk a kernel recomputes the logits tiles and writes only
+dz = d(loss)/d(logits) into a bounded [N, Vc] buffer in the input dtype; dweight[chunk] = dz.T @ hidden
+is then one GEMM (written once: no cross-chunk accumulation) and dhidden += dz @ weight[chunk] goes into
+an fp32 accumulator. Every output element has exactly one writer, so dhidden/dweight/dbias are
+deterministic; the interpreter runs programs one after another and could not reveal a race, which is why
+the design has none by construction. Cost: 1 recompute + 2 GEMM passes of N*H*V (4 with the forward).
+
+Gradient w.r.t. the tempered logits z (then divided by T for the raw logits):
+  log-prob  log p_y           ->  onehot(y) - p
+  entropy   H = -sum p log p   ->  -p (log p + H)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import configs, dot_flags, grouped_pid, interpreting, logits_tile, num_sms
+from .matmul import matmul_acc
+
+# Vocabulary splits are multiples of this, so that every BLOCK_V among the configs tiles a split evenly.
+_SPLIT_GRANULE = 32 if interpreting() else 256
+# Bytes of the backward's dz buffer ([N, Vc] in the input dtype). Tiny under the interpreter so that the
+# tests go through several vocabulary chunks.
+_BWD_BUFFER_BYTES = (8 << 10) if interpreting() else (512 << 20)
+
+_GEMM_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
+    ],
+    triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 32, "GROUP_N": 2}, num_warps=4, num_stages=1),
+)
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["H", "V", "HAS_BIAS", "ENTROPY", "STORE_LOGITS", "DOT_F32"])
+@triton.jit
+def _stats_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, logits_ptr, part_ptr,
+    N, V, H, v_per_split, n_splits, inv_temp, stride_h, stride_w, stride_logits,
+    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """Per (token tile, vocab split): online (m, s, t) and the label logit; optionally stores the fp32 logits.
+
+    STORE_LOGITS is used only by the single-pass loss (kernels/fused_linear_loss.py), which keeps one token
+    chunk's logits to avoid recomputing them; linear_logprobs never stores any.
+    """
+    pid_n, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(V, v_lo + v_per_split)
+
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    z_label = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_hi
+        z = logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32, IEEE)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        z = z * inv_temp
+        if STORE_LOGITS:
+            out = logits_ptr + rows.to(tl.int64)[:, None] * stride_logits + cols[None, :]
+            tl.store(out, z, mask=row_mask[:, None] & col_mask[None, :])
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        # Every tile holds >= 1 in-range column (v0 < v_hi), so m_new is finite: no (-inf) - (-inf).
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
+        zc = z - m_new[:, None]
+        e = tl.exp(zc)  # 0 at masked columns
+        if ENTROPY:
+            # t = sum e^(z-m) (z-m) re-centred on m_new: alpha * (t + (m - m_new) s). Before the first
+            # tile s == 0 and m - m_new = -inf: the shift is dropped there, not multiplied by 0 (NaN).
+            shift = tl.where(s > 0, m - m_new, 0.0)
+            t = alpha * (t + shift * s)
+            t += tl.sum(e * tl.where(col_mask[None, :], zc, 0.0), axis=1)  # 0, not 0 * -inf, at masked columns
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        hit = (cols[None, :] == labels[:, None]) & col_mask[None, :]
+        z_label += tl.sum(tl.where(hit, z, 0.0), axis=1)
+
+    base = part_ptr + pid_s * N + rows
+    stride_q = n_splits * N
+    tl.store(base, m, mask=row_mask)
+    tl.store(base + stride_q, s, mask=row_mask)
+    tl.store(base + 2 * stride_q, t, mask=row_mask)
+    tl.store(base + 3 * stride_q, z_label, mask=row_mask)
+
+
+def vocab_splits(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(number of splits, columns per split) for the forward grid.
+
+    On a GPU: enough (token tile x split) programs for ~4 waves, and >= 16 splits so that the grouped order
+    puts a band of weight tiles and a few hidden tiles in flight together. Under the interpreter: up to 3
+    splits, so the tests exercise the cross-split reduction.
+    """
+    max_splits = triton.cdiv(vocab, _SPLIT_GRANULE)
+    if interpreting():
+        want = 3
+    else:
+        want = max(16, triton.cdiv(4 * num_sms(device), triton.cdiv(n_tokens, 128)))
+    per_split = triton.cdiv(triton.cdiv(vocab, min(want, max_splits)), _SPLIT_GRANULE) * _SPLIT_GRANULE
+    return triton.cdiv(vocab, per_split), per_split
+
+
+def launch_stats(hidden, weight, bias, labels, inv_temp, entropy, logits=None):
+    """Run the forward kernel; returns the [4, splits, N] partials (m, s, t, label logit)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    n_splits, per_split = vocab_splits(n, v, hidden.device)
+    part = torch.empty(4, n_splits, n, dtype=torch.float32, device=hidden.device)
+    dot_f32, ieee = dot_flags(hidden.dtype)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)  # noqa: E731
+    _stats_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, logits if logits is not None else part, part,
+        n, v, h, per_split, n_splits, inv_temp, hidden.stride(0), weight.stride(0),
+        logits.stride(0) if logits is not None else 0,
+        HAS_BIAS=bias is not None, ENTROPY=entropy, STORE_LOGITS=logits is not None, DOT_F32=dot_f32, IEEE=ieee,
+    )
+    return part
+
+
+def combine_stats(part: torch.Tensor, valid: torch.Tensor, entropy: bool):
+    """Deterministic reduction of the per-split partials.
+
+    Returns (logprobs, entropy or None, m, log_s) per token, with lse = m + log_s kept as two numbers: at
+    |z| ~ 1e4 their fp32 sum would lose ~1e-3 nats that (z - m) - log_s keeps.
+    """
+    m_i, s_i, t_i, z_label = part.unbind(0)
+    m = m_i.amax(0)
+    w = torch.exp(m_i - m)  # every split has a finite max, so no -inf - -inf here
+    s = (w * s_i).sum(0)
+    log_s = torch.log(s)
+    logprobs = ((z_label.sum(0) - m) - log_s) * valid
+    ent = None
+    if entropy:
+        t = (w * (t_i + (m_i - m) * s_i)).sum(0)  # sum_v e^(z-m) (z-m) over the whole vocabulary
+        ent = (log_s - t / s) * valid
+    return logprobs, ent, m, log_s
+
+
+def linear_logprobs_fwd(hidden, weight, bias, labels, inv_temp: float, ignore_index: int, entropy: bool):
+    """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 -> (logprobs, entropy|None, m, log_s).
+
+    All [N] fp32; logprobs and entropy are 0 where labels == ignore_index; (m, log_s) feed the backward.
+    """
+    n = hidden.shape[0]
+    if n == 0:
+        z = hidden.new_zeros(0, dtype=torch.float32)
+        return z, (z if entropy else None), z, z
+    part = launch_stats(hidden, weight, bias, labels, inv_temp, entropy)
+    return combine_stats(part, labels != ignore_index, entropy)
+
+
+@triton.jit
+def logprob_entropy_grad(z, cols, labels, m, log_s, ent, g_lp, g_ent, ENTROPY: tl.constexpr):
+    """d(g_lp log p_y + g_ent H)/dz for a tile of tempered logits z [BN, BV] (per-token vectors [BN])."""
+    logp = (z - m[:, None]) - log_s[:, None]
+    p = tl.exp(logp)
+    onehot = cols[None, :] == labels[:, None]
+    dz = tl.where(onehot, g_lp[:, None], 0.0) - g_lp[:, None] * p
+    if ENTROPY:
+        dz -= g_ent[:, None] * p * (logp + ent[:, None])
+    return dz
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["H", "HR", "HAS_BIAS", "ENTROPY", "KL", "DOT_F32", "REF_DOT_F32"])
+@triton.jit
+def _dlogits_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, m_ptr, logs_ptr, ent_ptr, g_ptr, gent_ptr,
+    rh_ptr, rw_ptr, rm_ptr, rlogs_ptr, out_ptr,
+    N, H, HR, v_start, v_end, inv_temp, stride_h, stride_w, stride_rh, stride_rw, stride_out,
+    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    REF_DOT_F32: tl.constexpr, REF_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """out[:, v - v_start] = dz / T for v in [v_start, v_end): one (token tile, vocab tile) per program.
+
+    Recomputes the tile's logits (and, for KL, the reference logits) instead of reading stored ones.
+    Without KL: gradient of g . logprob (+ g_ent . entropy). With KL (ent_ptr holds the per-token KL,
+    g_ptr its upstream gradient, rm/rlogs the reference's m/log_s): dKL/dz = p (log p - log q - KL).
+    Each output element is written by exactly one program.
+    """
+    n_cols = v_end - v_start
+    pid_n, pid_v = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    cols = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < v_end
+    z = logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                    BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32, IEEE)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    z = z * inv_temp
+    m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+    log_s = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # 0 for padding rows -> dz = 0 there
+    if KL:
+        zr = logits_tile(rh_ptr, rw_ptr, rows, cols, row_mask, col_mask, HR, stride_rh, stride_rw,
+                         BLOCK_N, BLOCK_V, BLOCK_K, REF_DOT_F32, REF_IEEE) * inv_temp
+        rm = tl.load(rm_ptr + rows, mask=row_mask, other=0.0)
+        rlog_s = tl.load(rlogs_ptr + rows, mask=row_mask, other=0.0)
+        kl = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        logp = (z - m[:, None]) - log_s[:, None]
+        logq = (zr - rm[:, None]) - rlog_s[:, None]
+        dz = g[:, None] * tl.exp(logp) * (logp - logq - kl[:, None])
+    else:
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+        if ENTROPY:
+            ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+            g_ent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
+        else:
+            ent = m
+            g_ent = g
+        dz = logprob_entropy_grad(z, cols, labels, m, log_s, ent, g, g_ent, ENTROPY)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + (cols - v_start)[None, :]
+    tl.store(out, (dz * inv_temp).to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def launch_dlogits(out, v_start, v_end, hidden, weight, bias, labels, m, log_s, ent, g, g_ent, inv_temp, ref=None):
+    """Fill out[:, :v_end - v_start] with dz / T. ``ref`` = (ref_hidden, ref_weight, ref_m, ref_log_s) for KL."""
+    n, h = hidden.shape
+    dot_f32, ieee = dot_flags(hidden.dtype)
+    rh, rw, rm, rlog_s = ref if ref is not None else (hidden, weight, m, log_s)
+    ref_dot_f32, ref_ieee = dot_flags(rh.dtype)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_end - v_start, meta["BLOCK_V"]),)  # noqa: E731
+    _dlogits_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels if labels is not None else m, m, log_s,
+        ent if ent is not None else m, g, g_ent if g_ent is not None else g, rh, rw, rm, rlog_s, out,
+        n, h, rh.shape[1], v_start, v_end, inv_temp, hidden.stride(0), weight.stride(0), rh.stride(0),
+        rw.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, ENTROPY=g_ent is not None, KL=ref is not None, DOT_F32=dot_f32, IEEE=ieee,
+        REF_DOT_F32=ref_dot_f32, REF_IEEE=ref_ieee,
+    )
+
+
+def vocab_chunk(n_tokens: int, vocab: int, elem_bytes: int) -> int:
+    """Columns per backward chunk: the [N, Vc] dz buffer within _BWD_BUFFER_BYTES, Vc a multiple of the granule."""
+    vc = _BWD_BUFFER_BYTES // max(1, n_tokens * elem_bytes)
+    vc = max(_SPLIT_GRANULE, vc // _SPLIT_GRANULE * _SPLIT_GRANULE)
+    return min(vc, vocab)
+
+
+def head_grads(hidden, weight, fill, need_dh: bool, need_dw: bool, need_db: bool):
+    """(dhidden, dweight, dbias) of sum(dz * logits) for logits = hidden @ weight.T (+ bias).
+
+    ``fill(buf, v0, v1)`` writes dz[:, v0:v1] (already divided by T) into buf[:, :v1 - v0]. dweight rows of
+    a chunk are one GEMM over all tokens (fp32 inside, one rounding); dhidden sums over chunks in fp32.
+    """
+    n, _ = hidden.shape
+    v = weight.shape[0]
+    dh = dw = db = None
+    if not (need_dh or need_dw or need_db):
+        return dh, dw, db
+    vc = vocab_chunk(n, v, hidden.element_size())
+    single = vc >= v
+    buf = torch.empty(n, vc, dtype=hidden.dtype, device=hidden.device)
+    if need_dw:
+        dw = torch.empty_like(weight)
+    if need_db:
+        db = torch.empty(v, dtype=torch.float32, device=hidden.device)
+    dh32 = None
+    if need_dh and not single:
+        dh32 = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, v, vc):
+        v1 = min(v, v0 + vc)
+        d = buf[:, : v1 - v0]
+        fill(buf, v0, v1)
+        if need_dw:
+            torch.mm(d.T, hidden, out=dw[v0:v1])
+        if need_dh:
+            if single:
+                dh = torch.mm(d, weight)
+            else:
+                matmul_acc(dh32, d, weight[v0:v1])
+        if need_db:
+            db[v0:v1] = d.sum(0, dtype=torch.float32)
+    if dh32 is not None:
+        dh = dh32.to(hidden.dtype)
+    return dh, dw, db
+
+
+def linear_logprobs_bwd(hidden, weight, bias, labels, m, log_s, entropy, g_lp, g_ent, inv_temp: float,
+                        ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool):
+    """Gradients of sum(g_lp * logprobs + g_ent * entropy) w.r.t. hidden, weight, bias (inputs' dtypes).
+
+    g_lp / g_ent: [N] upstream gradients or None (entropy's only when the forward computed it).
+    """
+    valid = labels != ignore_index
+    g = torch.zeros_like(m) if g_lp is None else (g_lp.float() * valid).contiguous()
+    ge = None if g_ent is None else (g_ent.float() * valid).contiguous()
+    if hidden.shape[0] == 0:
+        return (torch.zeros_like(hidden) if need_dh else None, torch.zeros_like(weight) if need_dw else None,
+                torch.zeros(weight.shape[0], device=weight.device) if need_db else None)
+
+    def fill(buf, v0, v1):
+        launch_dlogits(buf, v0, v1, hidden, weight, bias, labels, m, log_s, entropy, g, ge, inv_temp)
+
+    dh, dw, db = head_grads(hidden, weight, fill, need_dh, need_dw, need_db)
+    if db is not None:
+        db = db.to(bias.dtype)
+    return dh, dw, db

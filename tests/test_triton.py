@@ -1,0 +1,356 @@
+"""The "triton" backend against float64 references on materialized logits, through the public ops.
+
+Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by conftest when there is no GPU) and on
+CUDA when present. Shapes are small (the interpreter is slow) but awkward: vocabularies that are no multiple
+of any tile, one token, odd hidden sizes, ignored labels, mask holes; and chosen so that the forward spans
+several vocabulary splits, the backward several vocabulary chunks and the single-pass loss several token
+chunks (test_cases_cover_splits_and_chunks checks that they still do).
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import composed_ppo_loss, f64, leaf, make_inputs, rel_err
+from rlhf_fast import ops
+from rlhf_fast.ops import reference as R
+
+triton = pytest.importorskip("triton")
+from rlhf_fast_kernels.fused_linear_loss import default_chunk  # noqa: E402
+from rlhf_fast_kernels.linear_logprobs import vocab_chunk, vocab_splits  # noqa: E402
+from rlhf_fast_kernels.matmul import matmul_acc  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
+pytestmark = pytest.mark.skipif(not DEVICES, reason="triton needs a GPU or TRITON_INTERPRET=1")
+
+
+def tol(dtype, device):
+    if dtype == torch.float32:
+        return 1e-5 if device == "cpu" else 1e-4  # GPU: other summation orders, cuBLAS for the fp32 GEMMs
+    return 1e-2
+
+
+# (tokens, H, V, bias, temperature, ignore_frac)
+LOGPROB_CASES = [
+    (1, 3, 1, False, 1.0, 0.0),  # one token, one word, H below any tile
+    (1, 67, 257, True, 0.7, 0.0),
+    (37, 67, 257, True, 0.7, 0.3),  # several splits, backward chunks, token tiles
+    (64, 16, 300, False, 2.5, 0.3),
+    (20, 33, 130, True, 1.0, 0.6),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", LOGPROB_CASES, ids=lambda c: "n{}-h{}-v{}-b{}-t{}-i{}".format(*c))
+def test_linear_logprobs_values_and_gradients(device, dtype, case):
+    n, hdim, v, bias, temperature, ignore_frac = case
+    hidden, weight, b, labels = make_inputs(n * 7 + v, n, hdim, v, dtype, device, bias=bias, ignore_frac=ignore_frac)
+    h, w, bb = leaf(hidden), leaf(weight), leaf(b)
+    lp, ent = ops.linear_logprobs(h, w, labels, bias=bb, temperature=temperature, return_entropy=True, backend="triton")
+    rh, rw, rb = f64(hidden), f64(weight), f64(b)
+    ref_lp, ref_ent = R.linear_logprobs(rh, rw, labels.cpu(), rb, temperature, return_entropy=True)
+    t = tol(dtype, device)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == labels.shape
+    assert rel_err(lp, ref_lp) <= t and rel_err(ent, ref_ent) <= t
+    ignored = labels == -100
+    assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
+
+    g = torch.Generator().manual_seed(1)
+    g_lp, g_ent = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    (lp * g_lp.float().to(device) + ent * g_ent.float().to(device)).sum().backward()
+    (ref_lp * g_lp + ref_ent * g_ent).sum().backward()
+    for ours, ref in ((h, rh), (w, rw), (bb, rb)):
+        if ours is not None:
+            assert ours.grad.dtype == dtype and ours.grad.shape == ours.shape
+            assert rel_err(ours.grad, ref.grad) <= 2 * t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_logprobs_batched_shape_without_entropy(device):
+    # [B, T, H] input; only log-probs requested, so the entropy terms are skipped in both kernels.
+    hidden, weight, _, labels = make_inputs(3, 0, 16, 130, torch.float32, device, lead=(3, 7))
+    h, w = leaf(hidden), leaf(weight)
+    lp = ops.linear_logprobs(h, w, labels, backend="triton")
+    assert isinstance(lp, torch.Tensor) and lp.shape == (3, 7)
+    g = torch.randn(3, 7, dtype=torch.float64)
+    (lp * g.float().to(device)).sum().backward()
+    rh, rw = f64(hidden), f64(weight)
+    ref = R.linear_logprobs(rh, rw, labels.cpu())
+    (ref * g).sum().backward()
+    assert rel_err(lp, ref) <= 1e-5
+    assert rel_err(h.grad, rh.grad) <= 2e-5 and rel_err(w.grad, rw.grad) <= 2e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.01])
+def test_linear_logprobs_extreme_logits(device, dtype, temperature):
+    # |z| ~ 1e4 (1e6 after temperature 0.01): the online log-sum-exp must neither overflow nor lose log p.
+    hidden, weight, _, labels = make_inputs(2, 11, 16, 130, dtype, device, ignore_frac=0.0)
+    hidden = (hidden.float() * 2500).to(dtype)
+    h, w = leaf(hidden), leaf(weight)
+    lp, ent = ops.linear_logprobs(h, w, labels, temperature=temperature, return_entropy=True, backend="triton")
+    rh, rw = f64(hidden), f64(weight)
+    ref_lp, ref_ent = R.linear_logprobs(rh, rw, labels.cpu(), None, temperature, return_entropy=True)
+    assert ref_lp.abs().max() > 1e3
+    assert rel_err(lp, ref_lp) <= tol(dtype, device)
+    assert (ent.cpu().double() - ref_ent).abs().max() <= 1e-3 and (ent >= -1e-6).all()
+    lp.sum().backward()
+    ref_lp.sum().backward()
+    # the gradient is (onehot - p) / T: nearly one-hot softmaxes make it O(1/T) per token, compare absolutely
+    for ours, ref in ((h, rh), (w, rw)):
+        scale = ref.grad.abs().max().item() + 1.0
+        if scale > torch.finfo(dtype).max / 2:
+            continue  # fp16 dweight ~ 1e6 at T = 0.01: no fp16 result can hold it
+        assert torch.isfinite(ours.grad).all()
+        assert (ours.grad.cpu().double() - ref.grad).abs().max() <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_logprobs_all_ignored(device):
+    hidden, weight, b, labels = make_inputs(3, 6, 3, 37, torch.float32, device, bias=True)
+    labels[:] = -100
+    h, w, bb = leaf(hidden), leaf(weight), leaf(b)
+    lp, ent = ops.linear_logprobs(h, w, labels, bias=bb, return_entropy=True, backend="triton")
+    (lp.sum() + ent.sum()).backward()
+    for t in (lp, ent, h.grad, w.grad, bb.grad):
+        assert (t == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_logprobs_is_deterministic(device):
+    # No atomics: forward and all gradients are bitwise identical from run to run.
+    hidden, weight, b, labels = make_inputs(4, 37, 67, 257, torch.bfloat16, device, bias=True)
+    outs = []
+    for _ in range(2):
+        h, w, bb = leaf(hidden), leaf(weight), leaf(b)
+        lp, ent = ops.linear_logprobs(h, w, labels, bias=bb, return_entropy=True, backend="triton")
+        (lp * 0.5 - ent).sum().backward()
+        outs.append((lp, ent, h.grad, w.grad, bb.grad))
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(1, 16, 16, 7, False), (23, 67, 16, 257, True), (40, 33, 67, 130, False)],
+                         ids=lambda c: "n{}-h{}-hr{}-v{}-labels{}".format(*c))
+def test_linear_kl_values_and_gradients(device, dtype, case):
+    n, hdim, hr, v, use_labels = case
+    hidden, weight, _, labels = make_inputs(n + v, n, hdim, v, dtype, device)
+    g = torch.Generator().manual_seed(n)
+    ref_hidden = torch.randn(n, hr, generator=g).to(dtype).to(device)
+    ref_weight = torch.randn(v, hr, generator=g).div(hr**0.5).to(dtype).to(device)
+    labels = labels if use_labels else None
+    h, w = leaf(hidden), leaf(weight)
+    kl = ops.linear_kl(h, w, ref_hidden, ref_weight, labels, temperature=0.8, backend="triton")
+    rh, rw = f64(hidden), f64(weight)
+    ref = R.linear_kl(rh, rw, f64(ref_hidden), f64(ref_weight), None if labels is None else labels.cpu(), 0.8)
+    t = tol(dtype, device)
+    assert kl.dtype == torch.float32 and kl.shape == (n,)
+    assert rel_err(kl, ref) <= t
+    if labels is not None:
+        assert (kl[labels == -100] == 0).all()
+    gk = torch.randn(n, generator=g, dtype=torch.float64)
+    (kl * gk.float().to(device)).sum().backward()
+    (ref * gk).sum().backward()
+    assert rel_err(h.grad, rh.grad) <= 2 * t and rel_err(w.grad, rw.grad) <= 2 * t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_kl_reference_in_another_dtype(device):
+    # bf16 policy against an fp32 reference model: each side keeps its own precision.
+    hidden, weight, _, labels = make_inputs(6, 19, 16, 130, torch.bfloat16, device)
+    ref_hidden = (hidden.float() + 0.3 * torch.randn(hidden.shape, device=device))
+    ref_weight = weight.float() + 0.05 * torch.randn(weight.shape, device=device)
+    h, w = leaf(hidden), leaf(weight)
+    kl = ops.linear_kl(h, w, ref_hidden, ref_weight, labels, backend="triton")
+    rh, rw = f64(hidden), f64(weight)
+    ref = R.linear_kl(rh, rw, f64(ref_hidden), f64(ref_weight), labels.cpu())
+    assert rel_err(kl, ref) <= 1e-2
+    kl.sum().backward()
+    ref.sum().backward()
+    assert rel_err(h.grad, rh.grad) <= 2e-2 and rel_err(w.grad, rw.grad) <= 2e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_kl_identical_policies_is_zero_with_zero_gradient(device):
+    hidden, weight, _, _ = make_inputs(7, 9, 16, 130, torch.float32, device)
+    h, w = leaf(hidden), leaf(weight)
+    kl = ops.linear_kl(h, w, hidden.clone(), weight.clone(), backend="triton")
+    assert kl.abs().max() <= 1e-6
+    kl.sum().backward()  # KL is minimal there: gradient 0
+    assert h.grad.abs().max() <= 1e-5 and w.grad.abs().max() <= 1e-5
+
+
+PPO_CASES = [
+    # (B, T, H, V, chunk_size, loss_agg, clip, entropy_coef, kl_coef, kl_estimator, temperature)
+    (3, 19, 67, 130, None, "token-mean", {}, 0.01, 0.05, "k3", 0.9),  # default chunk: several token chunks
+    (2, 9, 16, 257, 5, "seq-mean-token-mean", {"clip_eps_high": 0.28}, 0.0, 0.1, "k1", 1.0),
+    (4, 5, 3, 37, 64, "seq-mean-token-sum", {"dual_clip": 3.0}, 0.02, 0.0, "k3", 1.0),  # one chunk
+    (1, 1, 16, 7, None, "token-mean", {}, 0.01, 0.2, "k2", 1.0),  # one token
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PPO_CASES, ids=lambda c: "b{}-t{}-h{}-v{}-c{}-{}".format(*c[:6]))
+def test_linear_ppo_loss_equals_composed_ops(device, dtype, case):
+    B, T, hdim, v, chunk, loss_agg, clip, entropy_coef, kl_coef, kl_estimator, temperature = case
+    g = torch.Generator().manual_seed(B * 100 + T)
+    hidden = torch.randn(B, T, hdim, generator=g).to(dtype)
+    weight = torch.randn(v, hdim, generator=g).div(hdim**0.5).to(dtype)
+    labels = torch.randint(0, v, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    if B > 1:
+        mask[-1] = False  # a fully masked row
+    mask.view(-1)[0] = True
+    with torch.no_grad():
+        base = R.linear_logprobs(hidden.double(), weight.double(), labels, temperature=temperature)
+    old = (base + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()  # both sides of the clip
+    ref = (base + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(B, T, generator=g)
+    kw = dict(entropy_coef=entropy_coef, kl_coef=kl_coef, kl_estimator=kl_estimator, loss_agg=loss_agg, **clip)
+
+    h, w = leaf(hidden.to(device)), leaf(weight.to(device))
+    dev = lambda t: t.to(device)  # noqa: E731
+    loss, stats = ops.linear_ppo_loss(h, w, dev(labels), dev(old), dev(adv), dev(mask), ref_logprobs=dev(ref),
+                                      temperature=temperature, backend="triton", chunk_size=chunk, **kw)
+    (3.0 * loss).backward()  # backward scales the gradients formed in forward
+
+    rh, rw = f64(hidden), f64(weight)
+    lp, ent = R.linear_logprobs(rh, rw, torch.where(mask, labels, -100), None, temperature, return_entropy=True)
+    ref_loss = composed_ppo_loss(lp, ent, old.double(), adv.double(), mask, ref=ref.double(), **kw)
+    (3.0 * ref_loss).backward()
+    t = tol(dtype, device)
+    assert abs(loss.item() - ref_loss.item()) <= t * (abs(ref_loss.item()) + 1.0)
+    assert rel_err(stats["logprobs"], lp * mask) <= t and rel_err(stats["entropies"], ent * mask) <= t
+    assert rel_err(h.grad, rh.grad, atol=1e-6) <= 2 * t and rel_err(w.grad, rw.grad, atol=1e-6) <= 2 * t
+    assert h.grad.dtype == w.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_ppo_loss_matches_two_op_triton_path(device):
+    # Same quantity two ways on the same backend: single pass vs linear_logprobs + ppo_policy_loss.
+    hidden, weight, _, labels = make_inputs(9, 0, 33, 130, torch.float32, device, lead=(2, 21), ignore_frac=0.0)
+    mask = torch.rand(2, 21, generator=torch.Generator().manual_seed(2)) > 0.25
+    mask = mask.to(device)
+    old = torch.full((2, 21), -4.5, device=device)
+    adv = torch.randn(2, 21, generator=torch.Generator().manual_seed(3)).to(device)
+    h1, w1, h2, w2 = leaf(hidden), leaf(weight), leaf(hidden), leaf(weight)
+    loss1, _ = ops.linear_ppo_loss(h1, w1, labels, old, adv, mask, backend="triton")
+    loss1.backward()
+    lp = ops.linear_logprobs(h2, w2, torch.where(mask, labels, -100), backend="triton")
+    loss2, _ = ops.ppo_policy_loss(lp, old, adv, mask)
+    loss2.backward()
+    assert abs(loss1.item() - loss2.item()) <= 1e-5 * (1 + abs(loss2.item()))
+    assert rel_err(h1.grad, h2.grad) <= 1e-5 and rel_err(w1.grad, w2.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "B,T,hole_frac,gamma,lam",
+    [(3, 5, 0.3, 0.99, 0.95), (7, 100, 0.3, 1.0, 0.95), (2, 300, 0.5, 0.99, 0.9), (1, 1, 0.0, 1.0, 1.0),
+     (4, 64, 0.0, 0.9, 0.0), (1, 1000, 0.2, 1.0, 1.0)],
+)
+def test_gae_matches_per_row_recursion(device, B, T, hole_frac, gamma, lam):
+    g = torch.Generator().manual_seed(B * T)
+    rewards = torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) >= hole_frac
+    if B >= 3:
+        mask[1] = False  # a fully masked row
+    adv, ret = ops.gae(rewards.to(device), values.to(device), mask.to(device), gamma=gamma, lam=lam, backend="triton")
+    ref_adv, ref_ret = R.gae_per_row(rewards.double(), values.double(), mask, gamma, lam)
+    assert adv.dtype == ret.dtype == torch.float32 and adv.shape == (B, T)
+    assert rel_err(adv, ref_adv) <= 1e-5 and rel_err(ret, ref_ret) <= 1e-5
+    assert (adv.cpu()[~mask] == 0).all() and (ret.cpu()[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_acc_strided(device, dtype):
+    # c += a @ b with transposed / sliced operands, as the chunked backward calls it.
+    g = torch.Generator().manual_seed(5)
+    a_full = torch.randn(50, 80, generator=g).to(dtype).to(device)
+    a = a_full[:, 3:48].T  # [45, 50], non-contiguous
+    b = torch.randn(50, 37, generator=g).to(dtype).to(device)
+    c = torch.randn(45, 37, generator=g).to(device)
+    want = c.double().cpu() + a.double().cpu() @ b.double().cpu()
+    matmul_acc(c, a, b)
+    assert rel_err(c, want) <= (1e-6 if dtype == torch.float32 else 1e-5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="block sizes checked are the interpreter's")
+def test_cases_cover_splits_and_chunks():
+    # Guards the tests above against silently collapsing to one split / chunk if the budgets change.
+    cpu = torch.device("cpu")
+    assert vocab_splits(37, 257, cpu)[0] > 1 and vocab_splits(1, 7, cpu)[0] == 1
+    assert vocab_chunk(37, 257, 4) < 257 and vocab_chunk(64, 300, 2) < 300
+    assert default_chunk(130, 4) < 3 * 19 and default_chunk(130, 2) < 3 * 19
+    from rlhf_fast_kernels.gae import _plan
+
+    assert _plan(1, 1000, cpu)[3] > 1 and _plan(2, 300, cpu)[3] > 1  # time chunks
+
+
+# Compiles every kernel for Hopper (sm_90) with the GPU configs, in a subprocess without TRITON_INTERPRET: the
+# interpreter accepts some programs that the compiler rejects (layouts, scan lowering, dtypes of dot operands).
+_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rlhf_fast_kernels import fused_linear_loss as FL, gae as G, linear_kl as KL, linear_logprobs as LP, matmul as MM
+
+# ints a real launch sees as multiples of 16 (hidden sizes, strides, vocabulary splits) get the same hint here
+DIV16 = {"H", "HR", "V", "K", "M", "N", "T", "stride_h", "stride_w", "stride_rh", "stride_rw", "stride_logits",
+         "stride_out", "stride_z", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "v_per_split",
+         "v_start", "v_end", "chunk_len"}
+FLOATS = {"inv_temp", "gamma", "gl"}
+
+def build(kernel, ptrs, consts, cfg=None):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    consts = dict(consts, **(cfg.kwargs if cfg else {}))
+    default = lambda n: "*fp32" if n.endswith("_ptr") else "fp32" if n in FLOATS else "i32"
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, default(n)) for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and (sig[n].startswith("*") or n in DIV16)}
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs)
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 4}
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+for dt in ("bf16", "fp32"):
+    f32 = dt == "fp32"
+    flags = dict(DOT_F32=f32, IEEE=f32)
+    ref = dict(REF_DOT_F32=f32, REF_IEEE=f32)
+    p = f"*{dt}"
+    for cfg in LP._GEMM_CONFIGS:
+        build(LP._stats_kernel, dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", logits_ptr="*fp32", part_ptr="*fp32"),
+              dict(HAS_BIAS=True, ENTROPY=True, STORE_LOGITS=cfg is LP._GEMM_CONFIGS[0], **flags), cfg)
+        if f32:
+            break
+    ptrs = dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", rh_ptr=p, rw_ptr=p, out_ptr=p)
+    for kl in (False, True):
+        build(LP._dlogits_kernel, ptrs, dict(HAS_BIAS=not kl, ENTROPY=not kl, KL=kl, **flags, **ref), LP._GEMM_CONFIGS[0])
+    build(KL._kl_stats_kernel, dict(h_ptr=p, w_ptr=p, rh_ptr=p, rw_ptr=p), dict(**flags, **ref), LP._GEMM_CONFIGS[0])
+    build(FL._dlogits_from_logits_kernel, dict(labels_ptr="*i64", out_ptr=p), dict(ENTROPY=True), FL._ELEMENTWISE_CONFIGS[0])
+    build(MM._matmul_acc_kernel, dict(a_ptr=p, b_ptr=p, c_ptr="*fp32"), flags, MM._CONFIGS[0])
+for kernel in (G._chunk_summary_kernel, G._gae_scan_kernel):
+    for block_b, block_t in ((1, 1024), (2, 16)):
+        build(kernel, dict(m_ptr="*u8"), dict(BLOCK_B=block_b, BLOCK_T=block_t))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the tests above compile and run every kernel")
+def test_kernels_compile_for_hopper():
+    import pathlib
+    import subprocess
+    import sys
+
+    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
