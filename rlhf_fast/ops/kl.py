@@ -6,6 +6,7 @@ from torch import Tensor
 
 from . import _checks, _torch
 from ._backend import resolve
+from ._rows import ValidRows
 from .logprobs import _chunk_size
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
@@ -85,6 +86,9 @@ def linear_kl(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     r2 = ref_hidden.reshape(-1, ref_hidden.shape[-1])
     l1 = None if labels is None else labels.reshape(-1)
+    if l1 is not None:
+        rows = ValidRows(l1 != ignore_index)
+        h2, r2, l1 = rows.take(h2), rows.take(r2), rows.take(l1)
     if backend == "triton":
         from . import _triton
 
@@ -92,4 +96,6 @@ def linear_kl(
     else:
         valid = torch.ones(h2.shape[0], dtype=torch.bool, device=hidden.device) if l1 is None else l1 != ignore_index
         kl = _torch.linear_kl(h2, weight, r2, ref_weight, valid, temperature, _chunk_size(chunk_size, vocab, hidden.device))
+    if l1 is not None:
+        kl = rows.put(kl)
     return kl.view(lead)

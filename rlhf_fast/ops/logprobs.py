@@ -6,6 +6,7 @@ from torch import Tensor
 
 from . import _checks, _torch
 from ._backend import resolve
+from ._rows import ValidRows
 
 
 def _chunk_size(chunk_size, vocab: int, device) -> int:
@@ -58,7 +59,9 @@ def linear_logprobs(
     temperature = _checks.positive("temperature", temperature)
     backend = resolve(backend, "linear_logprobs", hidden.device, ("torch", "triton"))
     lead = labels.shape
-    h2, l1 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    l1 = labels.reshape(-1)
+    rows = ValidRows(l1 != ignore_index)
+    h2, l1 = rows.take(hidden.reshape(-1, hidden.shape[-1])), rows.take(l1)
     if backend == "triton":
         from . import _triton
 
@@ -66,6 +69,7 @@ def linear_logprobs(
     else:
         chunk = _chunk_size(chunk_size, vocab, hidden.device)
         logprobs, entropy = _torch.linear_logprobs(h2, weight, l1, bias, temperature, ignore_index, return_entropy, chunk)
+    logprobs, entropy = rows.put(logprobs), rows.put(entropy)
     if return_entropy:
         return logprobs.view(lead), entropy.view(lead)
     return logprobs.view(lead)

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from . import _checks, _torch
 from ._backend import resolve
+from ._rows import ValidRows
 from .kl import KL_ESTIMATORS, kl_penalty
 from .logprobs import _chunk_size
 from .masked import masked_mean
@@ -222,9 +223,10 @@ def linear_ppo_loss(
 
     shape = labels.shape
     m1 = mask.reshape(-1)
-    w1 = agg_weights(mask, loss_agg).reshape(-1)
-    old1, adv1 = old_logprobs.reshape(-1).detach(), advantages.reshape(-1).detach()
-    ref1 = ref_logprobs.reshape(-1).detach() if kl_coef > 0 else None
+    rows = ValidRows(m1)  # tokens outside the mask cost nothing: the backends see the valid ones only
+    m1, w1 = rows.take(m1), rows.take(agg_weights(mask, loss_agg).reshape(-1))
+    old1, adv1 = rows.take(old_logprobs.reshape(-1).detach()), rows.take(advantages.reshape(-1).detach())
+    ref1 = rows.take(ref_logprobs.reshape(-1).detach()) if kl_coef > 0 else None
 
     def token_loss_fn(lp: Tensor, ent: Tensor | None, start: int, end: int) -> Tensor:
         # Per-token separable: token t's term depends on lp[t], ent[t] only (the backends rely on it).
@@ -236,8 +238,8 @@ def linear_ppo_loss(
             per_token = per_token + kl_coef * kl_penalty(lp, ref1[start:end].float(), kl_estimator)
         return (torch.where(m, per_token, 0) * w1[start:end]).sum()
 
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    l1 = torch.where(m1, labels.reshape(-1), ignore_index)  # positions outside the mask cost no gradient
+    h2 = rows.take(hidden.reshape(-1, hidden.shape[-1]))
+    l1 = torch.where(m1, rows.take(labels.reshape(-1)), ignore_index)  # (all-masked case: nothing was taken)
     if backend == "triton":
         from . import _triton
 
@@ -245,7 +247,7 @@ def linear_ppo_loss(
     else:
         chunk = _chunk_size(chunk_size, vocab, hidden.device)
         loss, logprobs, entropy = _torch.fused_linear_loss(h2, weight, l1, None, temperature, ignore_index, token_loss_fn, True, chunk)
-    logprobs, entropy = logprobs.view(shape), entropy.view(shape)
+    logprobs, entropy = rows.put(logprobs).view(shape), rows.put(entropy).view(shape)
     with torch.no_grad():
         _, ratio, log_ratio, is_clipped, is_dual = policy_token_loss(logprobs, old_logprobs.float(), advantages.float(), lo, hi, c)
         stats = _policy_stats(ratio, log_ratio, is_clipped, is_dual, mask, c)
