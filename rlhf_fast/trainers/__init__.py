@@ -1,0 +1,1 @@
+"""Training loops built on ``rlhf_fast.ops``."""

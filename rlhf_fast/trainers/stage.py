@@ -1,0 +1,417 @@
+"""What the supervised stages (reward model, SFT, DPO) share: config loading, the step loop, checkpoints.
+
+A stage's config is a dataclass tree like the PPO trainer's (``rlhf_fast.config``): YAML, then
+``--section.key=value`` overrides, unknown keys rejected with the valid ones listed. Unlike
+``config.load_config`` a YAML section here only overrides the keys it names, so a stage whose nested defaults
+differ from the PPO defaults (the pipeline's embedded PPO config) keeps them.
+
+The loop: ``train.batch_size`` examples per optimizer step (gradient accumulation over
+``train.micro_batch_size``), AdamW, a ``transformers`` LR schedule, grad-norm clipping, a skipped step on a
+non-finite loss or gradient, evaluation before / every ``train.eval_every`` steps / after training,
+checkpoints that resume exactly (``rlhf_fast.checkpoint``), metrics.jsonl + TensorBoard (``rlhf_fast.tracking``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from ..checkpoint import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from ..config import apply_override, parse_overrides, save_config
+from ..data import PromptSampler
+from ..errors import UserError
+from ..preference_data import Messages
+
+IGNORE_INDEX = -100
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0  # passes over the train split (fractional allowed)
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 16  # examples per optimizer step
+    micro_batch_size: int = 4  # examples per forward/backward (gradient accumulation up to batch_size)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    lr_schedule: str = "cosine"  # constant | constant_with_warmup | linear | cosine (transformers.get_scheduler)
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # steps between evaluations (0: before and after training only)
+    eval_batch_size: int = 16
+
+
+@dataclass
+class StageDataConfig:
+    train_file: str = ""  # JSONL / Parquet / a datasets.save_to_disk folder
+    eval_file: str | None = None  # None: a saved DatasetDict's test split, else rows with split_column=eval, else eval_fraction
+    split_column: str = "split"
+    eval_fraction: float = 0.1
+    skip_invalid: bool = False  # drop (and count) invalid rows instead of stopping at the first
+    max_length: int = 512  # prompt + response tokens; longer examples are dropped and counted
+    chat_template: bool = True  # render with the tokenizer's chat template when it has one
+    system_prompt: str | None = None
+
+
+def choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def validate_common(cfg) -> None:
+    """Checks every stage config shares (top-level run keys, ``train``, ``data`` and ``model`` sections)."""
+    t, d, m = cfg.train, cfg.data, cfg.model
+    choice("model.bf16", m.bf16, ("auto", "true", "false"))
+    choice("model.attn_implementation", m.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+    if hasattr(m, "compile"):
+        choice("model.compile", m.compile, ("auto", "true", "false"))
+    if hasattr(cfg, "kernels"):
+        choice("kernels", cfg.kernels, ("fused", "eager"))
+    for key, value in [("train.batch_size", t.batch_size), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.eval_batch_size", t.eval_batch_size), ("data.max_length", d.max_length),
+                       ("save_every", cfg.save_every)]:
+        if value < 1:
+            raise UserError(f"{key}: must be >= 1, got {value}")
+    if t.batch_size % t.micro_batch_size:
+        raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise UserError(f"train.max_steps: must be >= 1 or null, got {t.max_steps}")
+    if t.epochs <= 0 or t.lr <= 0 or t.weight_decay < 0 or t.max_grad_norm <= 0:
+        raise UserError("train.epochs, train.lr and train.max_grad_norm must be > 0, train.weight_decay >= 0")
+    if t.lr_schedule not in SCHEDULES:
+        raise UserError(f"train.lr_schedule: expected one of {', '.join(SCHEDULES)}, got {t.lr_schedule!r}")
+    if len(t.adam_betas) != 2:
+        raise UserError(f"train.adam_betas: expected two numbers, got {t.adam_betas}")
+    if not 0 <= d.eval_fraction < 1:
+        raise UserError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+
+
+def _apply_tree(root, obj, data: dict, prefix: str) -> None:
+    for key, value in data.items():
+        child = getattr(obj, key, None) if isinstance(key, str) and key in {f.name for f in dataclasses.fields(obj)} else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(child):
+            _apply_tree(root, child, value, f"{prefix}{key}.")
+        else:
+            apply_override(root, f"{prefix}{key}", value)  # unknown keys and wrong types raise UserError here
+
+
+def load_stage_config(cls, path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None):
+    """The validated ``cls()`` with the YAML file's keys and then the overrides applied (each key checked)."""
+    cfg = cls()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {str(p)!r}: expected a mapping at the top level")
+        _apply_tree(cfg, cfg, data, "")
+    pairs = parse_overrides(overrides) if isinstance(overrides, list) else list((overrides or {}).items())
+    for key, value in pairs:
+        apply_override(cfg, key, value)
+    return cfg.validate()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+
+
+def _render(tokenizer, msgs: Messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt) if msgs else ""
+
+
+def encode_conversation(msgs: Messages, tokenizer, use_template: bool, last_only: bool = False) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a conversation with labels = ids on the assistant messages' tokens (their end-of-turn
+    token included) and IGNORE_INDEX elsewhere; ``last_only`` trains on the last assistant message only.
+
+    With a chat template, the text is cut where each assistant answer starts and ends (the template rendered up to
+    it, with and without the answer) and each piece is tokenized on its own, so a prompt encodes exactly as the
+    PPO trainer encodes it (``rlhf_fast.data.encode``). Without one, a single answer follows the prompt's
+    text directly (as in generation) and ends with EOS. Raises UserError when neither applies.
+    """
+    assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if last_only:
+        assistant = assistant[-1:]
+    if not (use_template and getattr(tokenizer, "chat_template", None)):
+        if len(assistant) != 1 or assistant[0] != len(msgs) - 1 or any(m["role"] == "assistant" for m in msgs[:-1]):
+            raise UserError("a multi-turn conversation needs a tokenizer with a chat template (data.chat_template=true)")
+        prompt = tokenizer("\n\n".join(m["content"] for m in msgs[:-1]), add_special_tokens=True).input_ids
+        answer = tokenizer(msgs[-1]["content"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+    ids, labels, done = [], [], ""
+    for i in assistant:
+        start, end = _render(tokenizer, msgs[:i], True), _render(tokenizer, msgs[: i + 1], False)
+        if not start.startswith(done) or not end.startswith(start):
+            raise UserError("the tokenizer's chat template does not render conversations incrementally (an earlier turn "
+                            "renders differently once later turns exist); use data.chat_template=false")
+        before = tokenizer(start[len(done):], add_special_tokens=False).input_ids
+        answer = tokenizer(end[len(start):], add_special_tokens=False).input_ids
+        ids += before + answer
+        labels += [IGNORE_INDEX] * len(before) + answer
+        done = end
+    return ids, labels
+
+
+def token_logprobs(body, weight: Tensor, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, backend,
+                   autocast, fp32, position_ids: Tensor | None = None) -> Tensor:
+    """[B, S-1] float32 log-probs of ``labels[:, 1:]`` (0 where IGNORE_INDEX) from the backbone's hidden states and the
+    LM-head weight through ``backend.logprobs`` (``rlhf_fast.ops.linear_logprobs`` when fused: no [tokens x vocab]
+    logits). ``position_ids`` with ``attention_mask=None`` runs packed rows (each restart of the positions begins
+    a sequence the others cannot attend to, transformers' packed-sequence masking)."""
+    from ..models import hidden_states
+
+    with autocast():
+        if position_ids is not None:
+            h = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        else:
+            h = hidden_states(body, input_ids, attention_mask)
+    with fp32():
+        return backend.logprobs(h[:, :-1].float(), weight, labels[:, 1:], 1.0)
+
+
+def right_pad(seqs: list[list[int]], value: int) -> Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def batch_tensors(ids: list[list[int]], labels: list[list[int]] | None, pad_id: int, device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Right-padded (input_ids, attention_mask, labels) on ``device``."""
+    input_ids = right_pad(ids, pad_id)
+    mask = right_pad([[1] * len(s) for s in ids], 0)
+    lab = right_pad(labels, IGNORE_INDEX).to(device) if labels is not None else None
+    return input_ids.to(device), mask.to(device), lab
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+class StageTrainer:
+    """Subclasses set ``name`` and implement ``setup`` (models, ``train_set``, ``eval_set``, ``modules``),
+    ``compute_loss(examples) -> (loss, stats)``, ``evaluate() -> metrics`` and ``save_final_model() -> Path``."""
+
+    name = "stage"
+    config_class: type = None
+
+    def __init__(self, config, resume: str | Path | None = None):
+        self.cfg = cfg = config.validate()
+        self.run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.data_stats: dict[str, float] = {}
+        self.setup()
+        t = cfg.train
+        self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        if not self.params:
+            raise UserError(f"{self.name}: nothing to train (every parameter is frozen)")
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(self.train_set) / t.batch_size))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        self.sampler = PromptSampler(len(self.train_set), t.batch_size, cfg.seed)
+        self.step, self.skipped_steps, self.evaluated_initial = 0, 0, False
+        resume_step = None
+        if resume is not None:
+            ckpt = latest_checkpoint(self.run_dir)
+            state, rng = load_checkpoint(ckpt, self.modules, self.optimizer, self.scheduler)
+            self.step, self.skipped_steps = int(state["iteration"]), int(state["skipped_steps"])
+            self.evaluated_initial = bool(state["evaluated_initial"])
+            self.sampler.load_state_dict(state["sampler"])
+            set_rng_state(rng)
+            resume_step = self.step
+            print(f"resumed from {ckpt} (step {self.step})", flush=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        from ..tracking import Tracker
+
+        self.tracker = Tracker(self.run_dir, resume_step)
+
+    @classmethod
+    def from_cli(cls, config_path: str | None, overrides: list[str], resume: str | None):
+        """The CLI's constructor: a resumed run reads its own config.yaml (overrides still apply)."""
+        if resume is not None:
+            if not (Path(resume) / "config.yaml").is_file():
+                raise UserError(f"--resume: {resume!r} is not a run directory (no config.yaml)")
+            config_path = config_path or str(Path(resume) / "config.yaml")
+        return cls(load_stage_config(cls.config_class, config_path, overrides), resume=resume)
+
+    # -------------------------------------------------------------------------------------- hooks
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def compute_loss(self, examples: list) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def save_final_model(self) -> Path:
+        raise NotImplementedError
+
+    def micro_weights(self, micros: list[list]) -> list[float]:
+        """Each micro-batch's share of the step's loss (a mean over examples by default)."""
+        n = sum(len(m) for m in micros)
+        return [len(m) / n for m in micros]
+
+    # -------------------------------------------------------------------------------------- helpers
+
+    @property
+    def bf16(self) -> bool:
+        flag = getattr(getattr(self.cfg, "model", None), "bf16", "false")
+        return flag == "true" or (flag == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def fp32(self):
+        """Head math (log-probs, rewards) in fp32 even under bf16 autocast."""
+        return torch.autocast(self.device.type, enabled=False) if self.bf16 else nullcontext()
+
+    def set_train(self, mode: bool) -> None:
+        for m in self.modules.values():
+            m.train(mode)
+
+    # -------------------------------------------------------------------------------------- step
+
+    def train_step(self, examples: list) -> dict[str, float]:
+        t = self.cfg.train
+        self.set_train(True)
+        self.optimizer.zero_grad(set_to_none=True)
+        micros = [examples[s:s + t.micro_batch_size] for s in range(0, len(examples), t.micro_batch_size)]
+        sums, finite = {}, True
+        for micro, w in zip(micros, self.micro_weights(micros)):
+            loss, stats = self.compute_loss(micro)
+            if not bool(torch.isfinite(loss)):
+                finite = False
+                break
+            (loss * w).backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + w * float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm) if finite else torch.tensor(float("nan"))
+        if finite and bool(torch.isfinite(grad_norm)):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:  # never step on NaN/inf
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.set_train(False)
+        return sums | {"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped_steps}
+
+    def train(self) -> dict:
+        """Run to ``total_steps`` (or until SIGINT/SIGTERM, which checkpoints). Returns the last metrics with
+        ``status`` ("completed" / "interrupted") and ``step``."""
+        from tqdm.auto import tqdm
+
+        cfg, last = self.cfg, {}
+        with StopRequest() as stop, tqdm(total=self.total_steps, initial=self.step, desc=self.name, disable=not cfg.progress_bar,
+                                         dynamic_ncols=True) as bar:
+            if not self.evaluated_initial:
+                self.tracker.log(0, self.data_stats | self.evaluate())
+                self.evaluated_initial = True
+            while self.step < self.total_steps and not stop.requested:
+                batch = [self.train_set[i] for i in self.sampler.next_batch()]
+                metrics = self.train_step(batch)
+                self.step += 1
+                every = cfg.train.eval_every
+                if (every and self.step % every == 0) or self.step == self.total_steps:
+                    metrics |= self.evaluate()
+                self.tracker.log(self.step, metrics)
+                last = metrics
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                    self.save()
+            status = "interrupted" if stop.requested else "completed"
+            if stop.requested:
+                path = self.save()
+                bar.write(f"stopped by {stop.requested}; checkpoint at {path} (resume with --resume {self.run_dir})")
+        if status == "completed" and cfg.save_final_model:
+            print(f"{self.name}: final model in {self.save_final_model()}", flush=True)
+        self.tracker.close()
+        return dict(last, status=status, step=self.step)
+
+    def save(self) -> Path:
+        state = {"skipped_steps": self.skipped_steps, "evaluated_initial": self.evaluated_initial,
+                 "sampler": self.sampler.state_dict()}
+        return save_checkpoint(self.run_dir, self.step, self.modules, self.optimizer, self.scheduler, state,
+                               keep=self.cfg.keep_checkpoints)
+
+
+def report_data(name: str, loaded, n_train: int, n_eval: int, dropped_long: int, max_length: int) -> dict[str, float]:
+    """Print and return what loading kept and dropped (invalid rows under skip_invalid, over-long examples)."""
+    if loaded.skipped:
+        print(f"{name}: skipped {loaded.skipped} invalid row(s) (first: {loaded.first_error})", flush=True)
+    if dropped_long:
+        print(f"{name}: dropped {dropped_long} example(s) longer than data.max_length={max_length} tokens", flush=True)
+    if not n_train:
+        raise UserError(f"{name}: no training example fits data.max_length={max_length}")
+    return {"data/train_examples": float(n_train), "data/eval_examples": float(n_eval),
+            "data/skipped_invalid": float(loaded.skipped), "data/dropped_long": float(dropped_long)}
+
+
+def load_policy(model_cfg, device: torch.device):
+    """(tokenizer, causal LM) of ``model.policy`` (``rlhf_fast.config.ModelConfig``: LoRA, gradient checkpointing)."""
+    from ..models import add_lora, attn_implementation, lm_head, load_causal_lm, load_tokenizer, resolve_model_path, unwrap
+
+    path = resolve_model_path(model_cfg.policy, "model.policy")
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, attn_implementation(model_cfg.attn_implementation, device), device)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if model_cfg.lora.enabled:
+        model = add_lora(model, model_cfg.lora)
+        if model_cfg.gradient_checkpointing:
+            unwrap(model).enable_input_require_grads()
+    if lm_head(model)[1] is not None:
+        raise UserError("model.policy: LM heads with a bias are not supported")
+    return tokenizer, model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Preference losses compare log-probs of the same function: no dropout noise (as the PPO trainer)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def maybe_compile(module: torch.nn.Module, flag: str, device: torch.device):
+    """``model.compile``: true, false, or auto (on CUDA only), as the PPO trainer reads it."""
+    if flag == "true" or (flag == "auto" and device.type == "cuda"):
+        return torch.compile(module, dynamic=True)
+    return module

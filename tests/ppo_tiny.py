@@ -1,0 +1,84 @@
+"""Tiny random-weight models and configs for the trainer tests (CPU, no network, seconds).
+
+A byte-level BPE tokenizer (ChatML template) is trained in memory on the shipped prompt file and saved with
+a 2-layer Llama built from a LlamaConfig; a second, different tokenizer backs a tiny reward model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhf_fast.config import load_config
+from rlhf_fast.data import builtin_path
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(out: Path, vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["prompt"] for line in builtin_path("everyday_prompts").read_text().splitlines()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_tiny_models(root: Path) -> dict[str, str]:
+    """Folders: ``policy`` (LlamaForCausalLM), ``rm`` (1-label classifier with another tokenizer), ``rm2`` (2 labels),
+    ``rm_same`` (1-label classifier on the policy's tokenizer, so a critic can start from it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    root = Path(root)
+    paths = {k: root / k for k in ("policy", "rm", "rm2", "rm_same")}
+    if all((p / "config.json").is_file() for p in paths.values()):
+        return {k: str(v) for k, v in paths.items()}
+    tok = make_tokenizer(paths["policy"])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(paths["policy"])
+    for name, labels in (("rm", 1), ("rm2", 2)):
+        rm_tok = make_tokenizer(paths[name], vocab_size=320)
+        rcfg = LlamaConfig(vocab_size=len(rm_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, num_labels=labels, pad_token_id=rm_tok.pad_token_id)
+        LlamaForSequenceClassification(rcfg).save_pretrained(paths[name])
+    tok.save_pretrained(paths["rm_same"])
+    same = {k: v for k, v in cfg.to_dict().items() if k not in ("id2label", "label2id")} | {"num_labels": 1}
+    LlamaForSequenceClassification(LlamaConfig(**same)).save_pretrained(paths["rm_same"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def tiny_config(policy: str, out_dir: Path, **overrides):
+    """A config for seconds-long runs on the tiny policy; ``overrides`` use "section.key" names."""
+    base = {
+        "model.policy": policy, "output_dir": str(out_dir), "seed": 0, "threads": 1, "progress_bar": False,
+        "save_final_model": False, "ppo.iterations": 2, "ppo.batch_size": 8, "ppo.minibatch_size": 4,
+        "ppo.micro_batch_size": 2, "ppo.lr": 1e-3, "generation.max_new_tokens": 8, "eval.num_prompts": 4,
+        "eval.batch_size": 4, "data.max_prompt_length": 64, "num_samples_logged": 2,
+        "reward.sources": [{"spec": "ppo_tiny:letter_reward", "weight": 1.0}],
+    }
+    return load_config(None, base | overrides)
+
+
+def letter_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A text reward for the tiny runs (random-weight models write no words VADER knows): share of 'e's."""
+    return [r.count("e") / max(len(r), 1) for r in responses]
+
+
+def nan_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    return [float("nan")] + [0.5] * (len(responses) - 1)

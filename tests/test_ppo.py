@@ -1,0 +1,225 @@
+"""PPO trainer end to end on a tiny random-weight Llama (CPU, seconds): an iteration, exact resume after an
+interruption, fused == eager losses and gradients, NaN handling, and the option paths."""
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from ppo_tiny import make_tiny_models, tiny_config
+
+from rlhf_fast.cli import main
+from rlhf_fast.rollout import token_rewards
+from rlhf_fast.tracking import read_metrics
+from rlhf_fast.trainers.backend import get_backend
+from rlhf_fast.trainers.ppo import PPOTrainer
+
+TIMING = ("time/", "throughput/", "memory/")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+def _weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+
+
+def test_one_iteration_end_to_end(tiny, tmp_path):
+    cfg = tiny_config(tiny["policy"], tmp_path / "run", **{"ppo.iterations": 1})
+    trainer = PPOTrainer(cfg)
+    before = _weights(trainer)
+    result = trainer.train()
+    assert result["status"] == "completed" and result["iteration"] == 1
+    rows = read_metrics(tmp_path / "run")
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert "eval/reward" in rows[0] and "eval/reward" in rows[1]
+    for key in ("reward/mean", "kl", "policy/entropy", "policy/clipfrac", "policy/approx_kl", "loss/value",
+                "value/explained_variance", "response/length", "throughput/tokens_per_s", "memory/peak_mb",
+                "time/generate", "time/score", "time/update", "eval/kl"):
+        assert math.isfinite(rows[1][key]), key
+    assert rows[1]["global_step"] == cfg.ppo.ppo_epochs * cfg.ppo.batch_size // cfg.ppo.minibatch_size
+    after = _weights(trainer)
+    assert any(not torch.equal(before[n], after[n]) for n in before), "no weight changed"
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "samples.jsonl").is_file()
+    assert list((run / "tensorboard").iterdir()), "no TensorBoard events"
+    ckpt = run / "checkpoints" / "iter-000001"
+    assert {p.name for p in ckpt.iterdir()} == {"weights.safetensors", "optimizer.pt", "rng.pt", "rng.json", "state.json"}
+    assert not list((run / "checkpoints").glob(".tmp*")), "temporary checkpoint left behind"
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_resume_after_interruption_reproduces_uninterrupted_run(tiny, tmp_path, sig):
+    over = {"ppo.iterations": 3, "ppo.ppo_epochs": 2, "eval.every": 1, "reward.normalize": True, "ppo.kl_target": 0.01,
+            "ppo.kl_horizon": 100}
+    full = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "full", **over))
+    assert full.train()["status"] == "completed"
+
+    def interrupt(trainer, iteration, metrics):
+        if iteration == 1:
+            os.kill(os.getpid(), sig)  # as Ctrl-C / kill would: the handler defers it to a safe point
+
+    cut = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over), callbacks=[interrupt])
+    result = cut.train()
+    assert result["status"] == "interrupted" and result["iteration"] == 1
+    assert (tmp_path / "cut" / "checkpoints" / "iter-000001" / "state.json").is_file()
+    resumed = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over), resume=tmp_path / "cut")
+    assert resumed.iteration == 1
+    assert resumed.train()["status"] == "completed"
+
+    a, b = _comparable(read_metrics(tmp_path / "full")), _comparable(read_metrics(tmp_path / "cut"))
+    assert [r["iteration"] for r in b] == [0, 1, 2, 3]
+    assert a == b
+    for (n, p), (_, q) in zip(full.policy.named_parameters(), resumed.policy.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_interrupt_during_rollout_rolls_back_the_iteration(tiny, tmp_path):
+    """A signal that lands before the update: no half iteration is recorded, and resuming redoes it exactly."""
+    over = {"ppo.iterations": 2}
+    full = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "full", **over))
+    full.train()
+    cut = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over))
+    real_score = cut.score
+
+    def score_then_signal(ro):
+        real_score(ro)
+        if cut.iteration == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut.score = score_then_signal
+    assert cut.train()["status"] == "interrupted"
+    assert [r["iteration"] for r in read_metrics(tmp_path / "cut")] == [0, 1]
+    resumed = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over), resume=tmp_path / "cut")
+    resumed.train()
+    assert _comparable(read_metrics(tmp_path / "full")) == _comparable(read_metrics(tmp_path / "cut"))
+
+
+def _scored_batch(trainer, n=4):
+    """A rollout with old log-probs, values, rewards and advantages, as the update receives it."""
+    torch.manual_seed(1)
+    from rlhf_fast.rollout import generate
+
+    prompts = trainer.data.train[:n]
+    ro = generate(trainer.policy, trainer.tokenizer, prompts, trainer.cfg.generation, trainer.eos_ids, trainer.device, trainer.autocast)
+    trainer.score(ro)
+    scores = torch.linspace(-1, 1, len(ro))
+    ro.rewards = token_rewards(scores, ro.kl, ro.response_mask, 0.1)
+    ro.advantages, ro.returns = trainer.backend.gae(ro.rewards, ro.values, ro.response_mask, 1.0, 0.95)
+    ro.logprobs = ro.logprobs + 0.05 * torch.randn_like(ro.logprobs)  # ratios away from 1: clipping engages
+    return ro
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "full"])
+def test_fused_and_eager_give_same_losses_and_gradients(tiny, tmp_path, kl_estimator):
+    over = {"ppo.entropy_coef": 0.01, "ppo.kl_estimator": kl_estimator, "ppo.clip_eps": 0.02, "ppo.dual_clip": 3.0}
+    trainer = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "run", **over))
+    trainer.critic.head.weight.data.normal_(0, 0.1)  # a critic that is not identically zero
+    ro = _scored_batch(trainer)
+    results = {}
+    for name in ("fused", "eager"):
+        trainer.backend = get_backend(name)
+        scored = ro.select(torch.arange(len(ro)))
+        trainer.score(scored)
+        adv, ret = trainer.backend.gae(ro.rewards, ro.values, ro.response_mask, 1.0, 0.95)
+        trainer.optimizer.zero_grad()
+        loss, stats = trainer.compute_loss(ro)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}
+        grads |= {f"critic.{n}": p.grad.clone() for n, p in trainer.critic.named_parameters() if p.grad is not None}
+        results[name] = (loss.detach(), stats, grads, scored, adv, ret)
+    (lf, sf, gf, rf, af, tf), (le, se, ge, re_, ae, te) = results["fused"], results["eager"]
+    assert float(sf["clipfrac"]) > 0, "the batch should exercise clipping"
+    torch.testing.assert_close(lf, le, rtol=1e-5, atol=1e-6)
+    for k in ("clipfrac", "approx_kl", "entropy", "loss/value"):
+        torch.testing.assert_close(sf[k], se[k], rtol=1e-5, atol=1e-6)
+    assert gf.keys() == ge.keys() and len(gf) > 0
+    for n in gf:
+        torch.testing.assert_close(gf[n], ge[n], rtol=1e-4, atol=1e-6, msg=n)
+    for k in ("logprobs", "ref_logprobs", "values", "kl"):
+        torch.testing.assert_close(getattr(rf, k), getattr(re_, k), rtol=1e-5, atol=1e-6, msg=k)
+    torch.testing.assert_close(af, ae, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tf, te, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_minibatch(tiny, tmp_path):
+    trainer = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "run"))
+    ro = _scored_batch(trainer)
+    idx = torch.arange(len(ro))
+    trainer.optimizer.zero_grad()
+    loss, _ = trainer.compute_loss(ro)
+    loss.backward()
+    whole = {n: p.grad.clone() for n, p in trainer.policy.named_parameters()}
+    trainer.optimizer.zero_grad()
+    for micro in (idx[:1], idx[1:]):
+        part, _ = trainer.compute_loss(ro.select(micro))
+        (part * trainer._micro_weight(micro, idx, ro.response_mask)).backward()
+    for n, p in trainer.policy.named_parameters():
+        torch.testing.assert_close(p.grad, whole[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_nan_reward_skips_the_update(tiny, tmp_path):
+    cfg = tiny_config(tiny["policy"], tmp_path / "run", **{"ppo.iterations": 1, "reward.sources": [{"spec": "ppo_tiny:nan_reward"}]})
+    trainer = PPOTrainer(cfg)
+    before = _weights(trainer)
+    trainer.train()
+    row = read_metrics(tmp_path / "run")[-1]
+    assert row["skipped_updates"] == 1 and row["global_step"] == 0
+    assert row["reward/mean"] == "nan"  # logged, not hidden
+    assert all(torch.equal(before[n], p) for n, p in trainer.policy.named_parameters())
+    assert not trainer.optimizer.state, "the optimizer must not have stepped"
+
+
+def test_nan_loss_skips_the_step(tiny, tmp_path):
+    trainer = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "run", **{"ppo.minibatch_size": 4}))
+    ro = _scored_batch(trainer, n=8)
+    ro.advantages[0, 0] = float("nan")  # poisons the one minibatch (of two) that holds row 0
+    trainer.update(ro)
+    assert trainer.skipped_steps == 1 and trainer.global_step == 1
+    for n, p in trainer.policy.named_parameters():
+        assert torch.isfinite(p).all(), n
+
+
+@pytest.mark.parametrize("over", [
+    {"model.lora.enabled": True, "model.lora.r": 4, "critic.share_backbone": True, "ppo.kl_estimator": "full"},
+    {"kernels": "eager", "ppo.kl_estimator": "k3", "ppo.kl_target": 0.1, "reward.missing_eos_penalty": 1.0, "reward.clip": 0.5,
+     "model.trainable_layers": 1, "critic.share_backbone": True},
+    {"critic.init_from": "reward", "reward.sources": [{"spec": "RM"}], "model.gradient_checkpointing": True},
+])
+def test_option_paths_run(tiny, tmp_path, over):
+    if over.get("reward.sources") == [{"spec": "RM"}]:
+        over = dict(over, **{"reward.sources": [{"spec": tiny["rm_same"]}]})
+    trainer = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "run", **(over | {"ppo.iterations": 1, "save_final_model": True})))
+    result = trainer.train()
+    assert result["status"] == "completed"
+    assert math.isfinite(result["loss/total"]) and math.isfinite(result["eval/kl"])
+    assert (tmp_path / "run" / "final").is_dir()
+    if over.get("model.trainable_layers"):  # only the top layer, its norm and the value head train
+        names = {n for n, p in trainer.policy.named_parameters() if p.requires_grad}
+        assert names and all(n.startswith(("model.layers.1.", "model.norm.")) for n in names), names
+    if over.get("model.lora.enabled"):
+        assert trainer.ref is None and trainer.critic.body is None  # no second copy of the model
+        assert result["eval/kl"] > 0  # adapters moved the policy away from the base model
+
+
+def test_cli_runs_and_plots(tiny, tmp_path, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"model:\n  policy: {tiny['policy']}\nppo:\n  iterations: 1\n  batch_size: 4\n  minibatch_size: 4\n"
+                        f"  micro_batch_size: 4\nreward:\n  sources:\n    - spec: ppo_tiny:letter_reward\n")
+    run = tmp_path / "run"
+    argv = ["ppo", "--config", str(cfg_path), f"--output_dir={run}", "--generation.max_new_tokens", "6",
+            "--eval.num_prompts=4", "--progress_bar=false", "--save_final_model=false"]
+    assert main(argv) == 0
+    assert [r["iteration"] for r in read_metrics(run)] == [0, 1]
+    assert main(["ppo", "--resume", str(run), "--ppo.iterations=2"]) == 0  # extend a finished run
+    assert [r["iteration"] for r in read_metrics(run)] == [0, 1, 2]
+    assert main(["plot", str(run)]) == 0
+    png = run / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

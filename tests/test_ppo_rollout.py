@@ -1,0 +1,58 @@
+"""Rollout bookkeeping: masks after EOS, token rewards, running score moments, the KL controller."""
+import pytest
+import torch
+
+from rlhf_fast.rollout import IGNORE_INDEX, Rollout, RunningMoments, response_mask, token_rewards
+from rlhf_fast.trainers.ppo import KLController, explained_variance
+
+
+def test_response_mask_keeps_first_eos_and_drops_the_rest():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [9, 9, 9, 3]])
+    mask = response_mask(ids, eos_ids=[2, 3])
+    assert mask.tolist() == [[True, True, False, False], [True] * 4, [True] * 4]
+
+
+def test_labels_ignore_masked_positions():
+    ro = Rollout(prompts=["p"], responses=["r"], input_ids=torch.tensor([[1, 4, 5, 2, 2]]), attention_mask=torch.ones(1, 5),
+                 prompt_len=2, response_mask=torch.tensor([[True, True, False]]), no_eos=torch.tensor([False]))
+    assert ro.labels.tolist() == [[5, 2, IGNORE_INDEX]]
+    sub = ro.select(torch.tensor([0]))
+    assert torch.equal(sub.input_ids, ro.input_ids) and sub.prompts == ["p"]
+
+
+def test_token_rewards_put_the_score_on_the_last_token():
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 9.0, 9.0, 9.0]])
+    r = token_rewards(torch.tensor([1.0, -2.0]), kl, mask, kl_coef=0.5)
+    torch.testing.assert_close(r, torch.tensor([[-0.05, -0.1, -0.15 + 1.0, 0.0], [-0.25 - 2.0, 0.0, 0.0, 0.0]]))
+
+
+def test_running_moments_match_the_pooled_statistics():
+    torch.manual_seed(0)
+    parts = [torch.randn(n) * 3 + 1 for n in (5, 17, 2)]
+    m = RunningMoments()
+    for p in parts:
+        m.update(p)
+    allx = torch.cat(parts).double()
+    assert m.mean == pytest.approx(allx.mean().item()) and m.std == pytest.approx(allx.std(unbiased=False).item())
+    m2 = RunningMoments()
+    m2.load_state_dict(m.state_dict())
+    assert m2.state_dict() == m.state_dict()
+
+
+def test_adaptive_kl_controller():
+    fixed = KLController(0.1, None, 100)
+    fixed.update(50.0, 10)
+    assert fixed.value == 0.1
+    ctl = KLController(0.1, target=1.0, horizon=100)
+    ctl.update(5.0, 10)  # far above target: error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    ctl.update(0.9, 10)  # 10% below target
+    assert ctl.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 10 / 100))
+
+
+def test_explained_variance():
+    mask = torch.tensor([[True, True, True, False]])
+    ret = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    assert explained_variance(ret.clone(), ret, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.zeros(1, 4) + 2.0, ret, mask) == pytest.approx(0.0)
