@@ -10,16 +10,17 @@ TRITON_VERSION ?= 3.7.1
 VENV_FLAGS := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
 STAMP := $(VENV)/.rlhf_fast-installed
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench-ops setup clean
 
-demo: $(STAMP)
+demo: $(STAMP)  # PPO on SmolLM2-135M-Instruct with a VADER sentiment reward (~10 min on 2 CPU cores), then its curves
+	$(BIN)/rlhf-fast ppo --config configs/ppo_smollm2_sentiment.yaml
+	$(BIN)/rlhf-fast plot runs/ppo_smollm2_sentiment
+
+bench-ops: $(STAMP)  # the fused-op table at SmolLM2-135M's LM-head shape on CPU
 	$(BIN)/python benchmarks/bench_ops.py --device cpu --tokens 8192 --hidden 576 --vocab 49152
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_ops.py
 
 setup: $(STAMP)
 

@@ -221,9 +221,11 @@ def run_case(case: dict, device: str, reps: int):
     return run_gae(case["variant"], case["b"], case["t"], device, reps)
 
 
-def run_isolated(case: dict, device: str, reps: int):
+def run_isolated(case: dict, device: str, reps: int, threads: int | None):
     """CPU: run one case in a fresh interpreter so that its peak RSS is its own."""
     cmd = [sys.executable, __file__, "--_worker", json.dumps(case), "--device", device, "--reps", str(reps)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -314,11 +316,14 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd naive on CPU (slow to compile)")
     p.add_argument("--ppo", action=argparse.BooleanOptionalAction, default=None, help="single-pass PPO vs two ops (default: on for cuda)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/bench_ops_<device>_<date>.json)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (1 gives steadier CPU ratios on a shared machine)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if args.reps is None:
         args.reps = 20 if cuda else 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args._worker:
         return worker(json.loads(args._worker), args.device, args.reps)
     if cuda and not torch.cuda.is_available():
@@ -343,7 +348,7 @@ def main(argv=None):
                 res = {"error": f"{type(e).__name__}: {e}"}
             torch.cuda.empty_cache()
         else:
-            res = run_isolated(case, "cpu", args.reps)
+            res = run_isolated(case, "cpu", args.reps, args.threads)
         row = {"case": case, "result": res}
         f = flops(case)
         if f and res and "time_s" in res:

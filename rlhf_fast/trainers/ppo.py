@@ -387,8 +387,10 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
-        """Run to ``ppo.iterations`` (or until SIGINT/SIGTERM, which checkpoints first). Returns the last metrics
-        with ``status`` "completed" or "interrupted" and the initial and final eval rewards."""
+        """Run to ``ppo.iterations``, or until SIGINT/SIGTERM (which checkpoints at the next iteration boundary).
+
+        Returns the last iteration's metrics (with the final evaluation when completed) plus ``status``
+        ("completed" | "interrupted") and ``iteration``."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -420,8 +422,8 @@ class PPOTrainer:
                     self.save()
                 for cb in self.callbacks:
                     cb(self, it, metrics)
-            status = "interrupted" if stop.requested else "completed"
-            if stop.requested:
+            status = "completed" if self.iteration >= n_iter else "interrupted"
+            if status == "interrupted":
                 path = self.save()
                 bar.write(f"stopped by {stop.requested}; checkpoint at {path} (resume with --resume {self.run_dir})")
         if status == "completed" and cfg.save_final_model:
