@@ -62,11 +62,21 @@ def build_model_dir(shape: dict, out: Path, max_positions: int) -> None:
     model.save_pretrained(out)
 
 
-def write_prompts(path: Path, n: int, prompt_len: int) -> None:
+def write_prompts(path: Path, n: int, prompt_len: int, model_dir: Path) -> None:
+    """``n`` prompts of about ``prompt_len`` tokens once the chat template is applied."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
     words = "rain bus late coffee phone cold work dog train rent noise queue".split()
     with open(path, "w") as f:
         for i in range(n):
-            text = " ".join(words[(i + j) % len(words)] for j in range(max(1, prompt_len - 12)))  # ~1 token per word
+            text = words[i % len(words)]
+            while True:
+                ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+                if len(ids) >= prompt_len:
+                    break
+                text += " " + words[(i + len(text)) % len(words)]
             f.write(json.dumps({"prompt": text, "split": "train"}) + "\n")
 
 
@@ -79,16 +89,13 @@ def child(args) -> dict:
     from rlhf_fast.config import load_config
     from rlhf_fast.trainers.ppo import PPOTrainer
 
-    shape = json.loads(args.shape)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        build_model_dir(shape, tmp / "model", args.prompt_len + args.response_len + 64)
-        write_prompts(tmp / "prompts.jsonl", args.batch * 4, args.prompt_len)
+    with tempfile.TemporaryDirectory() as run_dir:
+        tmp = Path(args.workdir)
         cfg = load_config(None, {
-            "model.policy": str(tmp / "model"), "output_dir": str(tmp / "run"), "kernels": args.variant, "device": args.device,
+            "model.policy": str(tmp / "model"), "output_dir": run_dir, "kernels": args.variant, "device": args.device,
             "model.bf16": args.bf16, "model.compile": args.compile, "critic.share_backbone": args.share_critic,
             "model.lora.enabled": args.lora, "reward.sources": [{"spec": "bench_ppo_step:constant_reward"}],
-            "data.prompt_file": str(tmp / "prompts.jsonl"), "data.max_prompt_length": args.prompt_len + 32,
+            "data.prompt_file": str(tmp / "prompts.jsonl"), "data.max_prompt_length": args.prompt_len + 16,
             "generation.max_new_tokens": args.response_len, "ppo.batch_size": args.batch, "ppo.minibatch_size": args.batch,
             "ppo.micro_batch_size": args.micro_batch, "ppo.ppo_epochs": args.ppo_epochs, "ppo.kl_estimator": args.kl_estimator,
             "progress_bar": False, "num_samples_logged": 0, "threads": args.threads,
@@ -145,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="fused,eager")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ppo_step_<preset>_<device>.json)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
-    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.micro_batch = args.micro_batch or args.batch
 
@@ -159,8 +166,12 @@ def main(argv=None) -> int:
     shape |= {k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k) is not None}
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     results = {}
+    workdir = tempfile.TemporaryDirectory()  # the model is built once, here, so no child's peak memory includes building it
+    build_model_dir(shape, Path(workdir.name) / "model", args.prompt_len + args.response_len + 64)
+    write_prompts(Path(workdir.name) / "prompts.jsonl", args.batch * 4, args.prompt_len, Path(workdir.name) / "model")
+    args.workdir = workdir.name
     for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", variant, "--shape", json.dumps(shape)]
+        cmd = [sys.executable, __file__, "--variant", variant]
         for k, v in vars(args).items():
             if k in ("variant", "shape", "variants", "out", "preset", "share_critic", "lora") or k in SHAPE_KEYS or v is None:
                 continue
@@ -185,12 +196,13 @@ def main(argv=None) -> int:
         "benchmark": "one PPO iteration (PPOTrainer.step): generation, scoring, update",
         "shape": shape, "device": device, "torch": torch.__version__, "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None, "cpu_count": os.cpu_count(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("variant", "shape", "out")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("variant", "workdir", "out")},
         "results": results,
     }
     out = Path(args.out) if args.out else HERE / "results" / f"ppo_step_{args.preset}_{device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=1))
+    workdir.cleanup()
     print(out)
     return 0 if all("error" not in r for r in results.values()) else 1
 
