@@ -1,6 +1,5 @@
 """PPO trainer end to end on a tiny random-weight Llama (CPU, seconds): an iteration, exact resume after an
 interruption, fused == eager losses and gradients, NaN handling, and the option paths."""
-import json
 import math
 import os
 import signal

@@ -33,7 +33,7 @@ from ..models import (add_lora, attn_implementation, backbone, build_critic, fro
 from ..rewards import CombinedReward
 from ..rollout import Rollout, RunningMoments, generate, token_rewards
 from ..tracking import Tracker
-from .backend import aggregate, get_backend
+from .backend import get_backend
 
 
 class KLController:
