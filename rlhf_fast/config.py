@@ -295,6 +295,20 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; UserError if it is missing, not YAML or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(p)!r}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """The validated Config from a YAML file (or the defaults), with overrides applied in order.
 
@@ -303,15 +317,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {str(p)!r}: expected a mapping at the top level")
+        data = read_yaml(path)
     cfg = build(Config, data)
     pairs = parse_overrides(overrides) if isinstance(overrides, list) else list((overrides or {}).items())
     for key, value in pairs:

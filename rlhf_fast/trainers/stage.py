@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
 from ..checkpoint import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from ..config import apply_override, parse_overrides, save_config
+from ..config import apply_override, parse_overrides, read_yaml, save_config
 from ..data import PromptSampler
 from ..errors import UserError
 from ..preference_data import Messages
@@ -113,15 +112,7 @@ def load_stage_config(cls, path: str | Path | None = None, overrides: list[str] 
     """The validated ``cls()`` with the YAML file's keys and then the overrides applied (each key checked)."""
     cfg = cls()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {str(p)!r}: expected a mapping at the top level")
+        data = read_yaml(path)
         _apply_tree(cfg, cfg, data, "")
     pairs = parse_overrides(overrides) if isinstance(overrides, list) else list((overrides or {}).items())
     for key, value in pairs:
