@@ -10,7 +10,7 @@ TRITON_VERSION ?= 3.7.1
 VENV_FLAGS := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
 STAMP := $(VENV)/.rlhf_fast-installed
 
-.PHONY: demo test bench-ops setup clean
+.PHONY: demo test bench-ops gpu-wheels setup clean
 
 demo: $(STAMP)  # PPO on SmolLM2-135M-Instruct with a VADER sentiment reward (~10 min on 2 CPU cores), then its curves
 	$(BIN)/rlhf-fast ppo --config configs/ppo_smollm2_sentiment.yaml
@@ -18,6 +18,11 @@ demo: $(STAMP)  # PPO on SmolLM2-135M-Instruct with a VADER sentiment reward (~1
 
 bench-ops: $(STAMP)  # the fused-op table at SmolLM2-135M's LM-head shape on CPU
 	$(BIN)/python benchmarks/bench_ops.py --device cpu --tokens 8192 --hidden 576 --vocab 49152
+
+# Competitors for the GPU benchmark, as wheels for the offline GPU machine (benchmarks/gpu_session.sh).
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

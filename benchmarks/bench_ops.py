@@ -148,6 +148,39 @@ def logprob_variant(name: str, device: str):
     raise ValueError(name)
 
 
+def rel_err(x, ref) -> float:
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_logprobs(fn, hidden, weight, labels, backward: bool, k: int = 64, n_cols: int = 1024, chunk: int = 16384) -> dict:
+    """‖out - ref‖ / ‖ref‖ of a variant at the benchmarked shape against float64 on materialized logits.
+
+    Only the first k tokens carry gradient, so the reference needs k x V logits, not N x V: log-probs of
+    those tokens, their dhidden rows, and dweight on n_cols random vocabulary rows (weight is upcast
+    ``chunk`` rows at a time, not all at once). Guards the timed rows
+    against a variant that is fast because it is wrong (sign, argument order, dropped gradient scale).
+    """
+    k = min(k, hidden.shape[0])
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    g = torch.randn(k, generator=gen, dtype=torch.float64).to(hidden.device)
+    cols = torch.randperm(weight.shape[0], generator=gen)[:n_cols].to(hidden.device)
+    h64 = hidden.detach()[:k].double()
+    logp = torch.log_softmax(torch.cat([h64 @ w.double().T for w in weight.detach().split(chunk)], 1), -1)
+    ref_lp = logp.gather(1, labels[:k, None]).squeeze(1)
+    out = {"logprobs_rel_err": rel_err(fn(hidden, weight, labels)[:k].detach(), ref_lp)}
+    if backward:
+        dz = -g[:, None] * logp.exp()  # d(g . log p_y)/dz = g (onehot - p)
+        dz.scatter_add_(1, labels[:k, None], g[:, None])
+        ref_dh = sum(dz[:, c0:c0 + chunk] @ w.double() for c0, w in zip(range(0, weight.shape[0], chunk), weight.detach().split(chunk)))
+        ref_dw = dz[:, cols].T @ h64
+        hidden.grad = weight.grad = None
+        (fn(hidden, weight, labels)[:k].double() * g).sum().backward()
+        out["dhidden_rel_err"] = rel_err(hidden.grad[:k], ref_dh)
+        out["dweight_rel_err"] = rel_err(weight.grad[cols], ref_dw)
+        hidden.grad = weight.grad = None
+    return out
+
+
 def run_logprobs(name, mode, n, h, v, dtype, device, reps):
     fn = logprob_variant(name, device)
     if fn is None:
@@ -163,12 +196,15 @@ def run_logprobs(name, mode, n, h, v, dtype, device, reps):
 
     if mode == "fwd":
         with torch.no_grad():
-            return measure(step, device, reps)
-    return measure(step, device, reps)
+            timing = measure(step, device, reps)
+    else:
+        timing = measure(step, device, reps)
+    # After timing: on CPU the peak-RSS measure needs this process's first full-size call to be a timed one.
+    return {**timing, **check_logprobs(fn, hidden, weight, labels, backward=mode == "fwd+bwd")}
 
 
 # ------------------------------------------------------------------ PPO: single pass vs two ops
-def run_ppo(name, n, h, v, dtype, device, reps):
+def run_ppo(name, n, h, v, dtype, device, reps, chunk=None):
     backend = name.split(":")[1]
     if backend not in ops.available_backends() or (backend == "triton" and device != "cuda"):
         return None
@@ -182,7 +218,8 @@ def run_ppo(name, n, h, v, dtype, device, reps):
 
     def single():
         hidden3.grad = weight.grad = None
-        loss, _ = ops.linear_ppo_loss(hidden3, weight, labels2, old, adv, mask, entropy_coef=0.01, backend=backend)
+        loss, _ = ops.linear_ppo_loss(hidden3, weight, labels2, old, adv, mask, entropy_coef=0.01, backend=backend,
+                                      chunk_size=chunk)
         loss.backward()
 
     def two_ops():
@@ -201,15 +238,25 @@ def gae_fn(name, b, t, device):
     rewards, values = torch.randn(b, t, generator=g).to(device), torch.randn(b, t, generator=g).to(device)
     mask = (torch.rand(b, t, generator=g) < 0.9).to(device)
     if name == "python-loop":
-        return lambda: reference.gae(rewards, values, mask, 1.0, 0.95)
-    if name not in ops.available_backends() or (name == "triton" and device != "cuda") or (name == "cpp" and device != "cpu"):
+        fn = lambda: reference.gae(rewards, values, mask, 1.0, 0.95)  # noqa: E731
+    elif name not in ops.available_backends() or (name == "triton" and device != "cuda") or (name == "cpp" and device != "cpu"):
         return None
-    return lambda: ops.gae(rewards, values, mask, backend=name)
+    else:
+        fn = lambda: ops.gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=name)  # noqa: E731
+    fn.inputs = (rewards, values, mask)
+    return fn
 
 
 def run_gae(name, b, t, device, reps):
     fn = gae_fn(name, b, t, device)
-    return None if fn is None else measure(fn, device, reps)
+    if fn is None:
+        return None
+    timing = measure(fn, device, reps)
+    adv, ret = fn()
+    rows = slice(0, 4)  # the per-row oracle is a scalar Python loop: a few rows are plenty
+    r, v, m = (x[rows].double().cpu() for x in fn.inputs)
+    ref_adv, ref_ret = reference.gae_per_row(r, v, m, 1.0, 0.95)
+    return {**timing, "advantages_rel_err": rel_err(adv[rows].cpu(), ref_adv), "returns_rel_err": rel_err(ret[rows].cpu(), ref_ret)}
 
 
 def run_case(case: dict, device: str, reps: int):
@@ -217,7 +264,7 @@ def run_case(case: dict, device: str, reps: int):
     if kind == "logprobs":
         return run_logprobs(case["variant"], case["mode"], case["n"], case["h"], case["v"], DTYPES[case["dtype"]], device, reps)
     if kind == "ppo":
-        return run_ppo(case["variant"], case["n"], case["h"], case["v"], DTYPES[case["dtype"]], device, reps)
+        return run_ppo(case["variant"], case["n"], case["h"], case["v"], DTYPES[case["dtype"]], device, reps, case.get("chunk"))
     return run_gae(case["variant"], case["b"], case["t"], device, reps)
 
 
@@ -249,7 +296,9 @@ def cuda_ceilings() -> dict:
 
 def flops(case: dict) -> float | None:
     if case["kind"] == "logprobs":
-        passes = 1 if case["mode"] == "fwd" else (3 if case["variant"] in ("naive", "naive-compile", "liger") else 4)
+        # Materialized logits: logits, dhidden, dweight. Fused ones recompute the logits in the backward (Liger
+        # too with reduction="none": its per-token gradient scale is known only then).
+        passes = 1 if case["mode"] == "fwd" else (3 if case["variant"] in ("naive", "naive-compile") else 4)
     elif case["kind"] == "ppo":
         passes = 3 if case["variant"].startswith("ppo-single") else 4
     else:
@@ -263,6 +312,8 @@ def build_cases(args) -> list[dict]:
     variants = ["naive", "naive-compile", "torch", "triton", "liger", "cce"] if args.device == "cuda" else ["naive", "torch"]
     if args.compile and args.device == "cpu":
         variants.insert(1, "naive-compile")
+    if args.variants:
+        variants = [v for v in variants if v in args.variants]
     modes = ["fwd", "fwd+bwd"] if args.device == "cuda" else ["fwd+bwd"]
     for n in args.tokens:
         for v in args.vocab:
@@ -272,25 +323,33 @@ def build_cases(args) -> list[dict]:
             for backend in ("torch", "triton") if args.ppo else ():
                 for var in ("ppo-single", "ppo-two-op"):
                     cases.append({"kind": "ppo", "variant": f"{var}:{backend}", "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
+                # The single pass accumulates dweight over token chunks (an fp32 V x H read and write per chunk):
+                # larger chunks trade buffer memory for that traffic.
+                for chunk in args.ppo_chunks or ():
+                    cases.append({"kind": "ppo", "variant": f"ppo-single:{backend}", "chunk": chunk, "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
     gae_variants = ["python-loop", "cuda", "triton"] if args.device == "cuda" else ["python-loop", "torch", "cpp"]
     for var in gae_variants:
         cases.append({"kind": "gae", "variant": var, "b": args.gae_rows, "t": args.gae_steps})
-    return cases
+    return [c for c in cases if c["kind"] in args.ops]
 
 
 def fmt_bytes(b):
     return "-" if b is None else f"{b / 2**20:,.0f} MiB"
 
 
+def label(case: dict) -> str:
+    return case["kind"] + (f" C={case['chunk']}" if case.get("chunk") else "")
+
+
 def print_table(rows, ceilings):
-    print(f"\n{'op':<10} {'variant':<16} {'mode':<8} {'shape':<26} {'time':>10} {'peak extra':>12} {'TFLOP/s':>8} {'% mm':>6}  ratio")
+    print(f"\n{'op':<10} {'variant':<18} {'mode':<8} {'shape':<26} {'time':>10} {'peak extra':>12} {'TFLOP/s':>8} {'% mm':>6} {'rel err':>8}  ratio")
     baseline = {}
     for r in rows:
         c, res = r["case"], r["result"]
         key = (c["kind"], c.get("mode"), c.get("n"), c.get("v"), c.get("b"))
         shape = f"N={c['n']} H={c['h']} V={c['v']}" if "n" in c else f"B={c['b']} T={c['t']}"
         if res is None or "error" in res:
-            print(f"{c['kind']:<10} {c['variant']:<16} {c.get('mode', ''):<8} {shape:<26} {'n/a' if res is None else 'error: ' + res['error'][:40]:>10}")
+            print(f"{label(c):<10} {c['variant']:<18} {c.get('mode', ''):<8} {shape:<26} {'n/a' if res is None else 'error: ' + res['error'][:40]:>10}")
             continue
         baseline.setdefault(key, res)
         tf = f"{r['tflops']:.2f}" if r.get("tflops") else "-"
@@ -299,8 +358,12 @@ def print_table(rows, ceilings):
         mem = res["peak_extra_bytes"]
         base_mem = baseline[key]["peak_extra_bytes"]
         mem_ratio = f" mem {mem / base_mem:.2f}x" if mem is not None and base_mem else ""
-        print(f"{c['kind']:<10} {c['variant']:<16} {c.get('mode', ''):<8} {shape:<26} {res['time_s'] * 1e3:>8.1f}ms {fmt_bytes(mem):>12} {tf:>8} {pct:>6}  {ratio:.2f}x speed{mem_ratio}")
-    print("(ratio: speed and memory relative to the first row of the same op/mode/shape)")
+        bw = f" {res['time_s'] / r['bandwidth_time_s']:.1f}x bandwidth time" if r.get("bandwidth_time_s") else ""
+        errs = [x for k, x in res.items() if k.endswith("_rel_err")]
+        err = f"{max(errs):.1e}" if errs else "-"
+        print(f"{label(c):<10} {c['variant']:<18} {c.get('mode', ''):<8} {shape:<26} {res['time_s'] * 1e3:>8.1f}ms {fmt_bytes(mem):>12} {tf:>8} {pct:>6} {err:>8}  {ratio:.2f}x speed{mem_ratio}{bw}")
+    print("(ratio: speed and memory relative to the first row of the same op/mode/shape; rel err: worst of value and\n"
+          " gradients against float64 on materialized logits, first 64 tokens)")
 
 
 def main(argv=None):
@@ -315,6 +378,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default: cpu 3, cuda 20)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd naive on CPU (slow to compile)")
     p.add_argument("--ppo", action=argparse.BooleanOptionalAction, default=None, help="single-pass PPO vs two ops (default: on for cuda)")
+    p.add_argument("--ops", nargs="+", choices=["logprobs", "ppo", "gae"], default=["logprobs", "ppo", "gae"],
+                   help="which tables to run (split a long GPU run over several calls)")
+    p.add_argument("--ppo-chunks", type=int, nargs="+", help="extra single-pass PPO rows at these token chunk sizes")
+    p.add_argument("--variants", nargs="+", help="linear log-prob variants to keep (default: all available)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/bench_ops_<device>_<date>.json)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (1 gives steadier CPU ratios on a shared machine)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)

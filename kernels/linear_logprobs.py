@@ -30,9 +30,10 @@ from .matmul import matmul_acc
 
 # Vocabulary splits are multiples of this, so that every BLOCK_V among the configs tiles a split evenly.
 _SPLIT_GRANULE = 32 if interpreting() else 256
-# Bytes of the backward's dz buffer ([N, Vc] in the input dtype). Tiny under the interpreter so that the
-# tests go through several vocabulary chunks.
-_BWD_BUFFER_BYTES = (8 << 10) if interpreting() else (512 << 20)
+# Bytes of the backward's dz buffer ([N, Vc] in the input dtype): about the size of hidden itself (Vc ~ H
+# columns keeps both backward GEMMs large: K or M = Vc >= 4096 for 7B-class heads), within these bounds.
+# Tiny under the interpreter so that the tests go through several vocabulary chunks.
+_BWD_BUFFER_MIN, _BWD_BUFFER_MAX = ((8 << 10), (8 << 10)) if interpreting() else ((64 << 20), (512 << 20))
 
 _GEMM_CONFIGS = configs(
     [
@@ -253,9 +254,14 @@ def launch_dlogits(out, v_start, v_end, hidden, weight, bias, labels, m, log_s, 
     )
 
 
-def vocab_chunk(n_tokens: int, vocab: int, elem_bytes: int) -> int:
-    """Columns per backward chunk: the [N, Vc] dz buffer within _BWD_BUFFER_BYTES, Vc a multiple of the granule."""
-    vc = _BWD_BUFFER_BYTES // max(1, n_tokens * elem_bytes)
+def vocab_chunk(n_tokens: int, hidden_size: int, vocab: int, elem_bytes: int) -> int:
+    """Columns per backward chunk: a [N, Vc] dz buffer of ~N*H elements (bounded), Vc a multiple of the granule.
+
+    The backward's memory beyond its outputs is this buffer plus, with > 1 chunk, the fp32 dhidden
+    accumulator (N*H*4 bytes): ~3x hidden's own size in bf16.
+    """
+    budget = min(max(n_tokens * hidden_size * elem_bytes, _BWD_BUFFER_MIN), _BWD_BUFFER_MAX)
+    vc = budget // max(1, n_tokens * elem_bytes)
     vc = max(_SPLIT_GRANULE, vc // _SPLIT_GRANULE * _SPLIT_GRANULE)
     return min(vc, vocab)
 
@@ -271,7 +277,7 @@ def head_grads(hidden, weight, fill, need_dh: bool, need_dw: bool, need_db: bool
     dh = dw = db = None
     if not (need_dh or need_dw or need_db):
         return dh, dw, db
-    vc = vocab_chunk(n, v, hidden.element_size())
+    vc = vocab_chunk(n, hidden.shape[1], v, hidden.element_size())
     single = vc >= v
     buf = torch.empty(n, vc, dtype=hidden.dtype, device=hidden.device)
     if need_dw:

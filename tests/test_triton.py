@@ -288,11 +288,25 @@ def test_cases_cover_splits_and_chunks():
     # Guards the tests above against silently collapsing to one split / chunk if the budgets change.
     cpu = torch.device("cpu")
     assert vocab_splits(37, 257, cpu)[0] > 1 and vocab_splits(1, 7, cpu)[0] == 1
-    assert vocab_chunk(37, 257, 4) < 257 and vocab_chunk(64, 300, 2) < 300
+    assert vocab_chunk(37, 5, 257, 4) < 257 and vocab_chunk(64, 3, 300, 2) < 300
     assert default_chunk(130, 4) < 3 * 19 and default_chunk(130, 2) < 3 * 19
     from rlhf_fast_kernels.gae import _plan
 
     assert _plan(1, 1000, cpu)[3] > 1 and _plan(2, 300, cpu)[3] > 1  # time chunks
+
+
+def test_backward_buffer_follows_hidden_size(monkeypatch):
+    # The GPU budgets: a dz buffer ~ N*H elements between 64 and 512 MiB, Vc a multiple of the 256 granule.
+    import rlhf_fast_kernels.linear_logprobs as ll
+
+    monkeypatch.setattr(ll, "_BWD_BUFFER_MIN", 64 << 20)
+    monkeypatch.setattr(ll, "_BWD_BUFFER_MAX", 512 << 20)
+    monkeypatch.setattr(ll, "_SPLIT_GRANULE", 256)
+    assert ll.vocab_chunk(16384, 4096, 151936, 2) == 4096  # 128 MiB: hidden's own size
+    assert ll.vocab_chunk(4096, 4096, 128256, 2) == 8192  # 32 MiB -> the 64 MiB floor
+    assert ll.vocab_chunk(65536, 8192, 151936, 2) == 4096  # 1 GiB -> the 512 MiB cap
+    assert ll.vocab_chunk(1 << 20, 4096, 151936, 2) == 256  # never below one granule
+    assert ll.vocab_chunk(512, 896, 1000, 4) == 1000  # never above the vocabulary
 
 
 # Compiles every kernel for Hopper (sm_90) with the GPU configs, in a subprocess without TRITON_INTERPRET: the

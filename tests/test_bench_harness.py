@@ -1,0 +1,69 @@
+"""The benchmark's built-in correctness check (benchmarks/bench_ops.py): it must pass right variants and
+flag wrong ones, since on a GPU it is what vouches for every timed row, competitors' included."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_fast import ops
+
+from conftest import backends_for
+
+_spec = importlib.util.spec_from_file_location("bench_ops", Path(__file__).parents[1] / "benchmarks" / "bench_ops.py")
+bench_ops = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_ops)
+
+N, H, V = 40, 24, 300
+CHUNK = 128  # the check's reference upcasts the weight in chunks: 3 here, the last one partial
+
+
+def _inputs():
+    return bench_ops.logprob_inputs(N, H, V, torch.float32, "cpu", seed=3)
+
+
+def _scaled_grad(fn, scale):
+    """Same values as fn, gradients multiplied by ``scale``: the kind of bug a timing table would hide."""
+    def wrong(h, w, y):
+        out = fn(h, w, y)
+        return out.detach() + scale * (out - out.detach())
+    return wrong
+
+
+@pytest.mark.parametrize("variant", ["naive", *backends_for("torch", "triton")])
+def test_check_passes_correct_variants(variant):
+    fn = bench_ops.logprob_variant("naive", "cpu") if variant == "naive" else (
+        lambda h, w, y: ops.linear_logprobs(h, w, y, backend=variant))
+    errs = bench_ops.check_logprobs(fn, *_inputs(), backward=True, k=16, n_cols=50, chunk=CHUNK)
+    assert set(errs) == {"logprobs_rel_err", "dhidden_rel_err", "dweight_rel_err"}
+    assert max(errs.values()) < 1e-5, errs
+
+
+@pytest.mark.parametrize("bug", ["sign", "grad-scale"])
+def test_check_flags_wrong_variants(bug):
+    naive = bench_ops.logprob_variant("naive", "cpu")
+    fn = (lambda h, w, y: -naive(h, w, y)) if bug == "sign" else _scaled_grad(naive, 0.5)
+    errs = bench_ops.check_logprobs(fn, *_inputs(), backward=True, k=16, n_cols=50, chunk=CHUNK)
+    key = "logprobs_rel_err" if bug == "sign" else "dhidden_rel_err"
+    assert errs[key] > 0.4, errs
+    if bug == "grad-scale":
+        assert errs["logprobs_rel_err"] < 1e-6 and errs["dweight_rel_err"] > 0.4
+
+
+def test_check_leaves_no_gradients_behind():
+    hidden, weight, labels = _inputs()
+    bench_ops.check_logprobs(bench_ops.logprob_variant("naive", "cpu"), hidden, weight, labels, backward=True, k=8)
+    assert hidden.grad is None and weight.grad is None
+
+
+def test_liger_call_matches_reference():
+    """The harness's Liger call (argument order, sign, reduction="none" per-token gradients), when installed."""
+    pytest.importorskip("liger_kernel")
+    fn = bench_ops.logprob_variant("liger", "cpu")
+    errs = bench_ops.check_logprobs(fn, *_inputs(), backward=True, k=16, n_cols=50, chunk=CHUNK)
+    assert max(errs.values()) < 1e-5, errs
+
+
+def test_gae_rows_carry_their_check():
+    res = bench_ops.run_gae("torch", 3, 17, "cpu", reps=1)
+    assert res["advantages_rel_err"] < 1e-6 and res["returns_rel_err"] < 1e-6
