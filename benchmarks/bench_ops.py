@@ -6,7 +6,7 @@
 Rows: linear log-probs forward and forward+backward (naive materialized logits, torch.compile'd naive,
 each rlhf_fast backend, Liger-Kernel and Cut Cross-Entropy when installed), single-pass PPO vs
 linear_logprobs + ppo_policy_loss, and GAE vs the Python loop over time steps. Each variant reports the
-median time and the peak extra memory over its inputs (CUDA: allocator peak; CPU: peak RSS of a fresh
+median time and the peak extra memory over its inputs, gradients included (CUDA: allocator peak; CPU: peak RSS of a fresh
 subprocess per variant, since the CPU allocator keeps no statistics). A table is printed and everything is
 written as JSON to benchmarks/results/ with the machine, versions, commit and shapes.
 """
@@ -191,8 +191,8 @@ def run_logprobs(name, mode, n, h, v, dtype, device, reps):
     def step():
         out = fn(hidden, weight, labels)
         if mode == "fwd+bwd":
-            hidden.grad = weight.grad = None
             out.float().backward(g)
+            hidden.grad = weight.grad = None  # dropped after, not before: peak extra memory includes the gradients
 
     if mode == "fwd":
         with torch.no_grad():
@@ -217,16 +217,16 @@ def run_ppo(name, n, h, v, dtype, device, reps, chunk=None):
     mask = torch.rand(b, n // b, device=device) < 0.9
 
     def single():
-        hidden3.grad = weight.grad = None
         loss, _ = ops.linear_ppo_loss(hidden3, weight, labels2, old, adv, mask, entropy_coef=0.01, backend=backend,
                                       chunk_size=chunk)
         loss.backward()
+        hidden3.grad = weight.grad = None
 
     def two_ops():
-        hidden3.grad = weight.grad = None
         lp, ent = ops.linear_logprobs(hidden3, weight, labels2, return_entropy=True, backend=backend)
         loss, _ = ops.ppo_policy_loss(lp, old, adv, mask)
         (loss - 0.01 * ops.masked_mean(ent, mask)).backward()
+        hidden3.grad = weight.grad = None
 
     return measure(single if name.startswith("ppo-single") else two_ops, device, reps)
 
