@@ -216,19 +216,32 @@ def run_ppo(name, n, h, v, dtype, device, reps, chunk=None):
     adv = torch.randn(b, n // b, device=device)
     mask = torch.rand(b, n // b, device=device) < 0.9
 
-    def single():
-        loss, _ = ops.linear_ppo_loss(hidden3, weight, labels2, old, adv, mask, entropy_coef=0.01, backend=backend,
-                                      chunk_size=chunk)
-        loss.backward()
-        hidden3.grad = weight.grad = None
+    def single_loss():
+        return ops.linear_ppo_loss(hidden3, weight, labels2, old, adv, mask, entropy_coef=0.01, backend=backend,
+                                   chunk_size=chunk)[0]
 
-    def two_ops():
+    def two_op_loss():
         lp, ent = ops.linear_logprobs(hidden3, weight, labels2, return_entropy=True, backend=backend)
-        loss, _ = ops.ppo_policy_loss(lp, old, adv, mask)
-        (loss - 0.01 * ops.masked_mean(ent, mask)).backward()
+        return ops.ppo_policy_loss(lp, old, adv, mask)[0] - 0.01 * ops.masked_mean(ent, mask)
+
+    is_single = name.startswith("ppo-single")
+    loss_fn = single_loss if is_single else two_op_loss
+
+    def step():
+        loss_fn().backward()
         hidden3.grad = weight.grad = None
 
-    return measure(single if name.startswith("ppo-single") else two_ops, device, reps)
+    timing = measure(step, device, reps)
+    if not is_single:
+        return timing
+    # The single pass must equal the two-op composition (itself checked against float64 in the logprobs rows).
+    def loss_and_grads(fn):
+        loss = fn()
+        return (loss.detach(), *torch.autograd.grad(loss, (hidden3, weight)))
+
+    got, want = loss_and_grads(single_loss), loss_and_grads(two_op_loss)
+    names = ("loss", "dhidden", "dweight")
+    return {**timing, **{f"{k}_vs_two_op_rel_err": rel_err(a, b.double()) for k, a, b in zip(names, got, want)}}
 
 
 # ------------------------------------------------------------------ GAE
@@ -265,7 +278,7 @@ def run_case(case: dict, device: str, reps: int):
         return run_logprobs(case["variant"], case["mode"], case["n"], case["h"], case["v"], DTYPES[case["dtype"]], device, reps)
     if kind == "ppo":
         return run_ppo(case["variant"], case["n"], case["h"], case["v"], DTYPES[case["dtype"]], device, reps, case.get("chunk"))
-    return run_gae(case["variant"], case["b"], case["t"], device, reps)
+    return run_gae(case["variant"], case["b"], case["t"], device, max(reps, 50))  # ms-scale: more reps for a steady median
 
 
 def run_isolated(case: dict, device: str, reps: int, threads: int | None):
@@ -363,7 +376,8 @@ def print_table(rows, ceilings):
         err = f"{max(errs):.1e}" if errs else "-"
         print(f"{label(c):<10} {c['variant']:<18} {c.get('mode', ''):<8} {shape:<26} {res['time_s'] * 1e3:>8.1f}ms {fmt_bytes(mem):>12} {tf:>8} {pct:>6} {err:>8}  {ratio:.2f}x speed{mem_ratio}{bw}")
     print("(ratio: speed and memory relative to the first row of the same op/mode/shape; rel err: worst of value and\n"
-          " gradients against float64 on materialized logits, first 64 tokens)")
+          " gradients against float64 on materialized logits, first 64 tokens; GAE: the per-row recursion; single-pass\n"
+          " PPO: loss and gradients against the two-op path)")
 
 
 def main(argv=None):

@@ -100,7 +100,7 @@ def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_inde
         return (loss, logprobs, entropy, dh, torch.zeros_like(weight) if need_dw else None,
                 None if db32 is None else db32.to(bias.dtype))
     zbuf = torch.empty(chunk, v, dtype=torch.float32, device=dev)
-    dbuf = torch.empty(chunk, v, dtype=hidden.dtype, device=dev)
+    dbuf = torch.empty(chunk, v, dtype=hidden.dtype, device=dev) if (need_dh or need_dw or need_db) else None
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         h_c, lab_c, ok = hidden[c0:c1], labels[c0:c1], valid[c0:c1]
@@ -131,6 +131,7 @@ def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_inde
                 matmul_acc(dw32, d.T, h_c)
         if need_db:
             db32 += d.sum(0, dtype=torch.float32)
+    zbuf = dbuf = z = d = None  # freed before the casts below allocate the outputs
     if dw32 is not None:
         dw = dw32.to(weight.dtype)
     db = None if db32 is None else db32.to(bias.dtype)

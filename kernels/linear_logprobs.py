@@ -300,6 +300,7 @@ def head_grads(hidden, weight, fill, need_dh: bool, need_dw: bool, need_db: bool
                 matmul_acc(dh32, d, weight[v0:v1])
         if need_db:
             db[v0:v1] = d.sum(0, dtype=torch.float32)
+    buf = d = None  # freed before the cast below allocates dhidden: the two never add up in the peak
     if dh32 is not None:
         dh = dh32.to(hidden.dtype)
     return dh, dw, db

@@ -67,3 +67,11 @@ def test_liger_call_matches_reference():
 def test_gae_rows_carry_their_check():
     res = bench_ops.run_gae("torch", 3, 17, "cpu", reps=1)
     assert res["advantages_rel_err"] < 1e-6 and res["returns_rel_err"] < 1e-6
+
+
+def test_single_pass_ppo_rows_are_checked_against_two_ops():
+    res = bench_ops.run_ppo("ppo-single:torch", 48, 16, 70, torch.float32, "cpu", reps=1, chunk=20)
+    errs = {k: v for k, v in res.items() if k.endswith("_vs_two_op_rel_err")}
+    assert set(errs) == {"loss_vs_two_op_rel_err", "dhidden_vs_two_op_rel_err", "dweight_vs_two_op_rel_err"}
+    assert max(errs.values()) < 1e-5, errs
+    assert "loss_vs_two_op_rel_err" not in bench_ops.run_ppo("ppo-two-op:torch", 48, 16, 70, torch.float32, "cpu", reps=1)
