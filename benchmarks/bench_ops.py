@@ -43,8 +43,9 @@ def environment(device: str) -> dict:
 
     env = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # BENCH_COMMIT: for a copy of the tree without .git (the lent GPU machine gets one).
+        "commit": git("rev-parse", "HEAD") or os.environ.get("BENCH_COMMIT"),
+        "dirty": None if git("rev-parse", "HEAD") is None else bool(git("status", "--porcelain", "--untracked-files=no")),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),

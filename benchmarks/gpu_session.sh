@@ -3,7 +3,7 @@
 #
 #   make gpu-wheels                                        # here, once: Liger-Kernel and CCE as wheels in .whl/
 #   benchmarks/gpu_session.sh tests                        # device call 1 (carry .whl)
-#   benchmarks/gpu_session.sh bench --tokens 4096          # device call 2: logprobs/PPO/GAE tables at N=4096
+#   BENCH_COMMIT=<hash> benchmarks/gpu_session.sh bench --tokens 4096   # call 2 (the copy there may lack .git)
 #   benchmarks/gpu_session.sh bench --tokens 16384 --ops logprobs ppo
 #
 # The machine has no network: the carried wheels go to a private target dir, the package is installed
