@@ -1,8 +1,8 @@
 """C (fp32) += A @ B for bf16/fp16/fp32 A, B: the accumulating GEMM of the chunked backward passes.
 
 cuBLAS writes its product in the operands' dtype, so summing chunk products of bf16 operands with torch
-would round every partial sum to bf16 (or need a full-size temporary). Here the fp32 C tile is the dot's
-initial accumulator: one read and one write of C per call, no temporary. Each C tile belongs to exactly
+would round every partial sum to bf16 (or need a full-size temporary). Here each program adds its fp32
+product tile to C's: one read and one write of C per call, no temporary. Each C tile belongs to exactly
 one program, so the sum is deterministic.
 """
 from __future__ import annotations
@@ -13,11 +13,13 @@ import triton.language as tl
 
 from ._common import configs, dot_flags, grouped_pid
 
+# At most 64 fp32 accumulators per thread: with the C tile added in the epilogue, 128 per thread (128x256 on
+# 8 warps, 128x128 on 4) spill ~2 KB per thread in ptxas -v for sm_90a (tests/test_triton.py checks this).
 _CONFIGS = configs(
     [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1),
@@ -37,9 +39,7 @@ def _matmul_acc_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
-    c_mask = m_mask[:, None] & n_mask[None, :]
-    acc = tl.load(c_ptrs, mask=c_mask, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     b_cols = b_ptr + rn.to(tl.int64)[None, :] * stride_bn
     for k0 in range(0, K, BLOCK_K):
@@ -54,7 +54,11 @@ def _matmul_acc_kernel(
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-    tl.store(c_ptrs, acc, mask=c_mask)
+    # C is read after the K loop, not before as the initial accumulator: its [BLOCK_M, BLOCK_N] int64 pointers
+    # would stay live across the loop and spill registers (232 bytes per thread in ptxas -v for sm_90a).
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(c_ptrs, acc + tl.load(c_ptrs, mask=c_mask, other=0.0), mask=c_mask)
 
 
 def matmul_acc(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ of any tile, one token, odd hidden sizes, ignored labels, mask holes; and chosen
 several vocabulary splits, the backward several vocabulary chunks and the single-pass loss several token
 chunks (test_cases_cover_splits_and_chunks checks that they still do).
 """
+import json
 import os
 
 import pytest
@@ -312,6 +313,7 @@ def test_backward_buffer_follows_hidden_size(monkeypatch):
 # Compiles every kernel for Hopper (sm_90) with the GPU configs, in a subprocess without TRITON_INTERPRET: the
 # interpreter accepts some programs that the compiler rejects (layouts, scan lowering, dtypes of dot operands).
 _AOT_SCRIPT = r"""
+import json, pathlib, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -322,8 +324,17 @@ DIV16 = {"H", "HR", "V", "K", "M", "N", "T", "stride_h", "stride_w", "stride_rh"
          "stride_out", "stride_z", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "v_per_split",
          "v_start", "v_end", "chunk_len"}
 FLOATS = {"inv_temp", "gamma", "gl"}
+PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+report = []
 
-def build(kernel, ptrs, consts, cfg=None):
+def spill_bytes(ptx):
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        r = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", r.stderr))
+
+def build(kernel, ptrs, consts, cfg=None, check=False):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     consts = dict(consts, **(cfg.kwargs if cfg else {}))
     default = lambda n: "*fp32" if n.endswith("_ptr") else "fp32" if n in FLOATS else "i32"
@@ -332,28 +343,32 @@ def build(kernel, ptrs, consts, cfg=None):
              if n not in consts and (sig[n].startswith("*") or n in DIV16)}
     src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs)
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 4}
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    if check:  # bf16 GEMM kernels: Hopper's wgmma instructions, and registers that fit
+        ptx = compiled.asm["ptx"]
+        report.append(dict(kernel=fn.__name__, config=str(cfg), wgmma="wgmma" in ptx, spill=spill_bytes(ptx)))
 
 for dt in ("bf16", "fp32"):
     f32 = dt == "fp32"
     flags = dict(DOT_F32=f32, IEEE=f32)
     ref = dict(REF_DOT_F32=f32, REF_IEEE=f32)
     p = f"*{dt}"
-    for cfg in LP._GEMM_CONFIGS:
-        build(LP._stats_kernel, dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", logits_ptr="*fp32", part_ptr="*fp32"),
-              dict(HAS_BIAS=True, ENTROPY=True, STORE_LOGITS=cfg is LP._GEMM_CONFIGS[0], **flags), cfg)
-        if f32:
-            break
-    ptrs = dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", rh_ptr=p, rw_ptr=p, out_ptr=p)
-    for kl in (False, True):
-        build(LP._dlogits_kernel, ptrs, dict(HAS_BIAS=not kl, ENTROPY=not kl, KL=kl, **flags, **ref), LP._GEMM_CONFIGS[0])
-    build(KL._kl_stats_kernel, dict(h_ptr=p, w_ptr=p, rh_ptr=p, rw_ptr=p), dict(**flags, **ref), LP._GEMM_CONFIGS[0])
+    gemm_cfgs = LP._GEMM_CONFIGS[:1] if f32 else LP._GEMM_CONFIGS  # every autotune candidate in bf16
+    for cfg in gemm_cfgs:
+        for store in (False, True):
+            build(LP._stats_kernel, dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", logits_ptr="*fp32", part_ptr="*fp32"),
+                  dict(HAS_BIAS=True, ENTROPY=True, STORE_LOGITS=store, **flags), cfg, check=not f32)
+        ptrs = dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", rh_ptr=p, rw_ptr=p, out_ptr=p)
+        for kl in (False, True):
+            build(LP._dlogits_kernel, ptrs, dict(HAS_BIAS=not kl, ENTROPY=not kl, KL=kl, **flags, **ref), cfg, check=not f32)
+        build(KL._kl_stats_kernel, dict(h_ptr=p, w_ptr=p, rh_ptr=p, rw_ptr=p), dict(**flags, **ref), cfg, check=not f32)
+    for cfg in MM._CONFIGS[:1] if f32 else MM._CONFIGS:
+        build(MM._matmul_acc_kernel, dict(a_ptr=p, b_ptr=p, c_ptr="*fp32"), flags, cfg, check=not f32)
     build(FL._dlogits_from_logits_kernel, dict(labels_ptr="*i64", out_ptr=p), dict(ENTROPY=True), FL._ELEMENTWISE_CONFIGS[0])
-    build(MM._matmul_acc_kernel, dict(a_ptr=p, b_ptr=p, c_ptr="*fp32"), flags, MM._CONFIGS[0])
 for kernel in (G._chunk_summary_kernel, G._gae_scan_kernel):
     for block_b, block_t in ((1, 1024), (2, 16)):
         build(kernel, dict(m_ptr="*u8"), dict(BLOCK_B=block_b, BLOCK_T=block_t))
-print("compiled")
+print(json.dumps(report))
 """
 
 
@@ -367,4 +382,12 @@ def test_kernels_compile_for_hopper():
         pytest.skip("this triton build ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {row["kernel"] for row in report} == {"_stats_kernel", "_dlogits_kernel", "_kl_stats_kernel", "_matmul_acc_kernel"}
+    assert all(row["wgmma"] for row in report), [row for row in report if not row["wgmma"]]
+    # Spills in the GEMM main loop cost local-memory traffic on every K step; a few words in an epilogue do not.
+    # linear_kl's stats kernel holds two logits tiles: some candidates spill, so at least one must not.
+    heavy = [row for row in report if row["kernel"] != "_kl_stats_kernel" and row["spill"] > 64]
+    assert not heavy, heavy
+    assert min(row["spill"] for row in report if row["kernel"] == "_kl_stats_kernel") == 0
