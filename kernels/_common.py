@@ -19,6 +19,16 @@ def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Conf
     return [interp] if interpreting() else gpu
 
 
+def by_dot_kind(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune ``early_config_prune``: candidates with BLOCK_K == 32 for exact fp32 dots, the others otherwise.
+
+    An fp32 "ieee" dot runs on the FMA units with both operand tiles in registers: the tensor-core tiles
+    (BLOCK_K = 64) spill hundreds of bytes per thread there (ptxas -v, sm_90a), the BLOCK_K = 32 ones none.
+    """
+    f32 = bool({**named_args, **kwargs}.get("DOT_F32", False))
+    return [c for c in configs if (c.kwargs["BLOCK_K"] == 32) == f32] or configs
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -14,11 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, grouped_pid, logits_tile
+from ._common import by_dot_kind, dot_flags, grouped_pid, logits_tile
 from .linear_logprobs import _GEMM_CONFIGS, head_grads, launch_dlogits, vocab_splits
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["H", "HR", "V", "DOT_F32", "REF_DOT_F32"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=["H", "HR", "V", "DOT_F32", "REF_DOT_F32"],
+                 prune_configs_by={"early_config_prune": by_dot_kind})
 @triton.jit
 def _kl_stats_kernel(
     h_ptr, w_ptr, rh_ptr, rw_ptr, part_ptr,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, dot_flags, grouped_pid, interpreting, logits_tile, num_sms
+from ._common import by_dot_kind, configs, dot_flags, grouped_pid, interpreting, logits_tile, num_sms
 from .matmul import matmul_acc
 
 # Vocabulary splits are multiples of this, so that every BLOCK_V among the configs tiles a split evenly.
@@ -43,12 +43,16 @@ _GEMM_CONFIGS = configs(
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
         # the only one in which linear_kl's two-GEMM stats kernel does not spill (ptxas -v, sm_90a)
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        # exact fp32 dots only (see by_dot_kind)
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
     ],
     triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 32, "GROUP_N": 2}, num_warps=4, num_stages=1),
 )
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["H", "V", "HAS_BIAS", "ENTROPY", "STORE_LOGITS", "DOT_F32"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=["H", "V", "HAS_BIAS", "ENTROPY", "STORE_LOGITS", "DOT_F32"],
+                 prune_configs_by={"early_config_prune": by_dot_kind})
 @triton.jit
 def _stats_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, logits_ptr, part_ptr,
@@ -186,7 +190,8 @@ def logprob_entropy_grad(z, cols, labels, m, log_s, ent, g_lp, g_ent, ENTROPY: t
     return dz
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["H", "HR", "HAS_BIAS", "ENTROPY", "KL", "DOT_F32", "REF_DOT_F32"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=["H", "HR", "HAS_BIAS", "ENTROPY", "KL", "DOT_F32", "REF_DOT_F32"],
+                 prune_configs_by={"early_config_prune": by_dot_kind})
 @triton.jit
 def _dlogits_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, m_ptr, logs_ptr, ent_ptr, g_ptr, gent_ptr,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, dot_flags, grouped_pid
+from ._common import by_dot_kind, configs, dot_flags, grouped_pid
 
 # At most 64 fp32 accumulators per thread: with the C tile added in the epilogue, 128 per thread (128x256 on
 # 8 warps, 128x128 on 4) spill ~2 KB per thread in ptxas -v for sm_90a (tests/test_triton.py checks this).
@@ -21,13 +21,17 @@ _CONFIGS = configs(
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # exact fp32 dots only (see by_dot_kind)
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1),
 )
 
 
 # restore_value: autotuning runs each candidate on the real C, which must be put back between runs.
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "DOT_F32"], restore_value=["c_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "DOT_F32"], restore_value=["c_ptr"],
+                 prune_configs_by={"early_config_prune": by_dot_kind})
 @triton.jit
 def _matmul_acc_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,

@@ -296,6 +296,16 @@ def test_cases_cover_splits_and_chunks():
     assert _plan(1, 1000, cpu)[3] > 1 and _plan(2, 300, cpu)[3] > 1  # time chunks
 
 
+def test_autotune_candidates_follow_the_dot_kind():
+    # by_dot_kind reads DOT_F32 wherever the launch put it (keyword or positional) and never empties the list.
+    from rlhf_fast_kernels._common import by_dot_kind
+
+    cfgs = [triton.Config({"BLOCK_K": k, "X": i}) for i, k in enumerate((64, 32, 64, 32))]
+    assert [c.kwargs["X"] for c in by_dot_kind(cfgs, {}, DOT_F32=True)] == [1, 3]
+    assert [c.kwargs["X"] for c in by_dot_kind(cfgs, {"DOT_F32": False})] == [0, 2]
+    assert by_dot_kind(cfgs[:1], {}, DOT_F32=True) == cfgs[:1]  # the interpreter's single config stays
+
+
 def test_backward_buffer_follows_hidden_size(monkeypatch):
     # The GPU budgets: a dz buffer ~ N*H elements between 64 and 512 MiB, Vc a multiple of the 256 granule.
     import rlhf_fast_kernels.linear_logprobs as ll
@@ -318,6 +328,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rlhf_fast_kernels import fused_linear_loss as FL, gae as G, linear_kl as KL, linear_logprobs as LP, matmul as MM
+from rlhf_fast_kernels._common import by_dot_kind
 
 # ints a real launch sees as multiples of 16 (hidden sizes, strides, vocabulary splits) get the same hint here
 DIV16 = {"H", "HR", "V", "K", "M", "N", "T", "stride_h", "stride_w", "stride_rh", "stride_rw", "stride_logits",
@@ -334,7 +345,7 @@ def spill_bytes(ptx):
         r = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True, check=True)
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", r.stderr))
 
-def build(kernel, ptrs, consts, cfg=None, check=False):
+def build(kernel, ptrs, consts, cfg=None, check=True):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     consts = dict(consts, **(cfg.kwargs if cfg else {}))
     default = lambda n: "*fp32" if n.endswith("_ptr") else "fp32" if n in FLOATS else "i32"
@@ -344,30 +355,30 @@ def build(kernel, ptrs, consts, cfg=None, check=False):
     src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs)
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 4}
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    if check:  # bf16 GEMM kernels: Hopper's wgmma instructions, and registers that fit
+    if check:  # GEMM kernels: registers that fit, and (bf16) Hopper's wgmma instructions
         ptx = compiled.asm["ptx"]
-        report.append(dict(kernel=fn.__name__, config=str(cfg), wgmma="wgmma" in ptx, spill=spill_bytes(ptx)))
+        report.append(dict(kernel=fn.__name__, dtype=ptrs["h_ptr" if "h_ptr" in ptrs else "a_ptr"], config=str(cfg),
+                           wgmma="wgmma" in ptx, spill=spill_bytes(ptx)))
 
 for dt in ("bf16", "fp32"):
     f32 = dt == "fp32"
     flags = dict(DOT_F32=f32, IEEE=f32)
     ref = dict(REF_DOT_F32=f32, REF_IEEE=f32)
     p = f"*{dt}"
-    gemm_cfgs = LP._GEMM_CONFIGS[:1] if f32 else LP._GEMM_CONFIGS  # every autotune candidate in bf16
-    for cfg in gemm_cfgs:
+    for cfg in by_dot_kind(LP._GEMM_CONFIGS, {}, DOT_F32=f32):  # every autotune candidate the launch can pick
         for store in (False, True):
             build(LP._stats_kernel, dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", logits_ptr="*fp32", part_ptr="*fp32"),
-                  dict(HAS_BIAS=True, ENTROPY=True, STORE_LOGITS=store, **flags), cfg, check=not f32)
+                  dict(HAS_BIAS=True, ENTROPY=True, STORE_LOGITS=store, **flags), cfg)
         ptrs = dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", rh_ptr=p, rw_ptr=p, out_ptr=p)
         for kl in (False, True):
-            build(LP._dlogits_kernel, ptrs, dict(HAS_BIAS=not kl, ENTROPY=not kl, KL=kl, **flags, **ref), cfg, check=not f32)
-        build(KL._kl_stats_kernel, dict(h_ptr=p, w_ptr=p, rh_ptr=p, rw_ptr=p), dict(**flags, **ref), cfg, check=not f32)
-    for cfg in MM._CONFIGS[:1] if f32 else MM._CONFIGS:
-        build(MM._matmul_acc_kernel, dict(a_ptr=p, b_ptr=p, c_ptr="*fp32"), flags, cfg, check=not f32)
-    build(FL._dlogits_from_logits_kernel, dict(labels_ptr="*i64", out_ptr=p), dict(ENTROPY=True), FL._ELEMENTWISE_CONFIGS[0])
+            build(LP._dlogits_kernel, ptrs, dict(HAS_BIAS=not kl, ENTROPY=not kl, KL=kl, **flags, **ref), cfg)
+        build(KL._kl_stats_kernel, dict(h_ptr=p, w_ptr=p, rh_ptr=p, rw_ptr=p), dict(**flags, **ref), cfg)
+    for cfg in by_dot_kind(MM._CONFIGS, {}, DOT_F32=f32):
+        build(MM._matmul_acc_kernel, dict(a_ptr=p, b_ptr=p, c_ptr="*fp32"), flags, cfg)
+    build(FL._dlogits_from_logits_kernel, dict(labels_ptr="*i64", out_ptr=p), dict(ENTROPY=True), FL._ELEMENTWISE_CONFIGS[0], check=False)
 for kernel in (G._chunk_summary_kernel, G._gae_scan_kernel):
     for block_b, block_t in ((1, 1024), (2, 16)):
-        build(kernel, dict(m_ptr="*u8"), dict(BLOCK_B=block_b, BLOCK_T=block_t))
+        build(kernel, dict(m_ptr="*u8"), dict(BLOCK_B=block_b, BLOCK_T=block_t), check=False)
 print(json.dumps(report))
 """
 
@@ -385,9 +396,12 @@ def test_kernels_compile_for_hopper():
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert {row["kernel"] for row in report} == {"_stats_kernel", "_dlogits_kernel", "_kl_stats_kernel", "_matmul_acc_kernel"}
-    assert all(row["wgmma"] for row in report), [row for row in report if not row["wgmma"]]
+    assert {row["dtype"] for row in report} == {"*bf16", "*fp32"}
+    bf16 = [row for row in report if row["dtype"] == "*bf16"]
+    assert all(row["wgmma"] for row in bf16), [row for row in bf16 if not row["wgmma"]]
     # Spills in the GEMM main loop cost local-memory traffic on every K step; a few words in an epilogue do not.
-    # linear_kl's stats kernel holds two logits tiles: some candidates spill, so at least one must not.
+    # linear_kl's stats kernel holds two logits tiles: some candidates spill, so at least one per dtype must not.
     heavy = [row for row in report if row["kernel"] != "_kl_stats_kernel" and row["spill"] > 64]
     assert not heavy, heavy
-    assert min(row["spill"] for row in report if row["kernel"] == "_kl_stats_kernel") == 0
+    for dtype in ("*bf16", "*fp32"):
+        assert min(r["spill"] for r in report if r["kernel"] == "_kl_stats_kernel" and r["dtype"] == dtype) <= 64
