@@ -247,24 +247,54 @@ def run_ppo(name, n, h, v, dtype, device, reps, chunk=None):
 
 # ------------------------------------------------------------------ GAE
 def gae_fn(name, b, t, device):
-    """A no-argument GAE call on fresh inputs, or None if the variant cannot run here."""
+    """A no-argument GAE call on fresh inputs, or None if the variant cannot run here.
+
+    "<backend>" is the public op (input checks, and the output NaN guard: a device-to-host sync);
+    "<backend>:kernel" the backend alone on prepared inputs, what the bandwidth time bounds.
+    """
     g = torch.Generator(device="cpu").manual_seed(0)
     rewards, values = torch.randn(b, t, generator=g).to(device), torch.randn(b, t, generator=g).to(device)
     mask = (torch.rand(b, t, generator=g) < 0.9).to(device)
-    if name == "python-loop":
+    backend, _, part = name.partition(":")
+    if backend == "python-loop":
         fn = lambda: reference.gae(rewards, values, mask, 1.0, 0.95)  # noqa: E731
-    elif name not in ops.available_backends() or (name == "triton" and device != "cuda") or (name == "cpp" and device != "cpu"):
+    elif backend not in ops.available_backends() or (backend in ("triton", "cuda")) != (device == "cuda") or (
+            backend == "cpp" and device != "cpu"):
         return None
+    elif part == "kernel":
+        from rlhf_fast.ops import _backend, _triton
+
+        raw = {"cpp": lambda *a: _backend._ext().gae_cpu(*a), "cuda": lambda *a: _backend._ext().gae_cuda(*a),
+               "triton": _triton.gae, "torch": reference.gae}[backend]
+        fn = lambda: raw(rewards, values, mask, 1.0, 0.95)  # noqa: E731
     else:
-        fn = lambda: ops.gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=name)  # noqa: E731
+        fn = lambda: ops.gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=backend)  # noqa: E731
     fn.inputs = (rewards, values, mask)
     return fn
+
+
+def graphed(fn):
+    """fn replayed from a CUDA graph: a microsecond-scale kernel timed without host launch gaps."""
+    fn()  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    replay.inputs = fn.inputs
+    return replay
 
 
 def run_gae(name, b, t, device, reps):
     fn = gae_fn(name, b, t, device)
     if fn is None:
         return None
+    if device == "cuda" and name.endswith(":kernel"):
+        fn = graphed(fn)
     timing = measure(fn, device, reps)
     adv, ret = fn()
     rows = slice(0, 4)  # the per-row oracle is a scalar Python loop: a few rows are plenty
@@ -341,7 +371,8 @@ def build_cases(args) -> list[dict]:
                 # larger chunks trade buffer memory for that traffic.
                 for chunk in args.ppo_chunks or ():
                     cases.append({"kind": "ppo", "variant": f"ppo-single:{backend}", "chunk": chunk, "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
-    gae_variants = ["python-loop", "cuda", "triton"] if args.device == "cuda" else ["python-loop", "torch", "cpp"]
+    gae_variants = (["python-loop", "cuda", "cuda:kernel", "triton", "triton:kernel"] if args.device == "cuda"
+                    else ["python-loop", "torch", "cpp", "cpp:kernel"])
     for var in gae_variants:
         cases.append({"kind": "gae", "variant": var, "b": args.gae_rows, "t": args.gae_steps})
     return [c for c in cases if c["kind"] in args.ops]

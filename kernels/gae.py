@@ -65,10 +65,11 @@ def _chunk_summary_kernel(
     r_ptr, v_ptr, m_ptr, sum_ptr, B, T, chunk_len, n_chunks, gamma, gl,
     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """sum[:, row, chunk] = the composite map (a, b, c, e, g) of the chunk's time steps."""
+    """sum[:, row, chunk] = the composite map (a, b, c, e, g) of the chunk's time steps, for chunks 1.. only:
+    a chunk's scan needs the maps of the chunks after it, so nothing ever reads chunk 0's (not computed)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    pid_c = tl.program_id(1)
+    pid_c = tl.program_id(1) + 1
     t_lo = pid_c * chunk_len
     t_hi = tl.minimum(T, t_lo + chunk_len)
     ca = tl.full((BLOCK_B,), 1.0, tl.float32)
@@ -152,10 +153,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     block_b, block_t, chunk_len, n_chunks = _plan(b, t, rewards.device)
     grid = (triton.cdiv(b, block_b), n_chunks)
     summary = torch.empty(5, b, n_chunks, dtype=torch.float32, device=rewards.device)
+    if interpreting():  # the tests: reading a summary that no program wrote (chunk 0's) would show as NaN
+        summary.fill_(float("nan"))
     gamma, gl = float(gamma), float(gamma) * float(lam)
     if n_chunks > 1:
-        _chunk_summary_kernel[grid](rewards, values, m8, summary, b, t, chunk_len, n_chunks, gamma, gl,
-                                    BLOCK_B=block_b, BLOCK_T=block_t)
+        _chunk_summary_kernel[(grid[0], n_chunks - 1)](rewards, values, m8, summary, b, t, chunk_len, n_chunks, gamma,
+                                                       gl, BLOCK_B=block_b, BLOCK_T=block_t)
     _gae_scan_kernel[grid](rewards, values, m8, summary, adv, ret, b, t, chunk_len, n_chunks, gamma, gl,
                            BLOCK_B=block_b, BLOCK_T=block_t)
     return adv, ret
