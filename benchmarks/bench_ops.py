@@ -367,8 +367,8 @@ def build_cases(args) -> list[dict]:
             for backend in ("torch", "triton") if args.ppo else ():
                 for var in ("ppo-single", "ppo-two-op"):
                     cases.append({"kind": "ppo", "variant": f"{var}:{backend}", "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
-                # The single pass accumulates dweight over token chunks (an fp32 V x H read and write per chunk):
-                # larger chunks trade buffer memory for that traffic.
+                # Other logits chunks C: the single pass's dz group G takes the rest of its buffer budget, and
+                # each group reads and writes the fp32 V x H dweight accumulator once.
                 for chunk in args.ppo_chunks or ():
                     cases.append({"kind": "ppo", "variant": f"ppo-single:{backend}", "chunk": chunk, "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
     gae_variants = (["python-loop", "cuda", "cuda:kernel", "triton", "triton:kernel"] if args.device == "cuda"

@@ -4,7 +4,7 @@
 #   make gpu-wheels                                        # here, once: Liger-Kernel and CCE as wheels in .whl/
 #   benchmarks/gpu_session.sh tests                        # device call 1 (carry .whl)
 #   BENCH_COMMIT=<hash> benchmarks/gpu_session.sh bench --tokens 4096   # call 2 (the copy there may lack .git)
-#   benchmarks/gpu_session.sh bench --tokens 16384 --ops logprobs ppo
+#   BENCH_COMMIT=<hash> benchmarks/gpu_session.sh bench --tokens 16384 --ops logprobs ppo --ppo-chunks 256 1024 2048
 #
 # The machine has no network: the carried wheels go to a private target dir, the package is installed
 # editable with the machine's own torch/triton (its CUDA extension built by nvcc on the spot).

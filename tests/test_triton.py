@@ -17,7 +17,7 @@ from rlhf_fast import ops
 from rlhf_fast.ops import reference as R
 
 triton = pytest.importorskip("triton")
-from rlhf_fast_kernels.fused_linear_loss import default_chunk  # noqa: E402
+from rlhf_fast_kernels.fused_linear_loss import plan  # noqa: E402
 from rlhf_fast_kernels.linear_logprobs import vocab_chunk, vocab_splits  # noqa: E402
 from rlhf_fast_kernels.matmul import matmul_acc  # noqa: E402
 
@@ -290,7 +290,10 @@ def test_cases_cover_splits_and_chunks():
     cpu = torch.device("cpu")
     assert vocab_splits(37, 257, cpu)[0] > 1 and vocab_splits(1, 7, cpu)[0] == 1
     assert vocab_chunk(37, 5, 257, 4) < 257 and vocab_chunk(64, 3, 300, 2) < 300
-    assert default_chunk(130, 4) < 3 * 19 and default_chunk(130, 2) < 3 * 19
+    chunk, group = plan(3 * 19, 130, 4)  # PPO_CASES[0] in fp32: several groups, several chunks in a group
+    assert chunk < group < 3 * 19 and (3 * 19) % group != 0
+    chunk, group = plan(3 * 19, 130, 2)  # ... in bf16: one group of several chunks
+    assert chunk < group == 3 * 19
     from rlhf_fast_kernels.gae import _plan
 
     assert _plan(1, 1000, cpu)[3] > 1 and _plan(2, 300, cpu)[3] > 1  # time chunks
@@ -304,6 +307,19 @@ def test_autotune_candidates_follow_the_dot_kind():
     assert [c.kwargs["X"] for c in by_dot_kind(cfgs, {}, DOT_F32=True)] == [1, 3]
     assert [c.kwargs["X"] for c in by_dot_kind(cfgs, {"DOT_F32": False})] == [0, 2]
     assert by_dot_kind(cfgs[:1], {}, DOT_F32=True) == cfgs[:1]  # the interpreter's single config stays
+
+
+def test_single_pass_plan_under_the_gpu_budget(monkeypatch):
+    # 1 GiB shared as C x V fp32 logits + G x V bf16 dz, G = 3 C by default; a given C keeps it.
+    import rlhf_fast_kernels.fused_linear_loss as fl
+
+    monkeypatch.setattr(fl, "_CHUNK_BUFFER_BYTES", 1 << 30)
+    v = 151936
+    chunk, group = fl.plan(16384, v, 2)
+    assert (chunk, group) == (640, 1920) and chunk * v * 4 + group * v * 2 <= 1 << 30
+    assert fl.plan(16384, v, 2, chunk_size=512) == (512, 2048)  # G takes what the budget leaves
+    assert fl.plan(16384, v, 2, chunk_size=4096) == (4096, 4096)  # a C over budget still runs, G = C
+    assert fl.plan(100, v, 2) == (100, 100)  # never more than the tokens there are
 
 
 def test_backward_buffer_follows_hidden_size(monkeypatch):
