@@ -1,7 +1,10 @@
 #include "gae.h"
 
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream/guard headers rather than ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers that a
+// bare CUDA toolkit may lack (and this kernel does not use).
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 // One thread per row: the time recursion is sequential, rows are independent. Coalescing across
 // threads is poor (stride T), but the kernel is bandwidth-trivial next to the model; the Triton
@@ -34,7 +37,7 @@ std::vector<torch::Tensor> gae_cuda(torch::Tensor rewards, torch::Tensor values,
   if (B == 0 || T == 0) return {adv, ret};
   const int threads = 128;
   const int blocks = static_cast<int>((B + threads - 1) / threads);
-  gae_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  gae_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       r.data_ptr<float>(), v.data_ptr<float>(), m.data_ptr<bool>(), adv.data_ptr<float>(), ret.data_ptr<float>(), B, T,
       static_cast<float>(gamma), static_cast<float>(gamma * lam));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
