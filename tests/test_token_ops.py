@@ -98,6 +98,18 @@ def test_gae_cpp_many_rows_in_parallel():
     assert rel_err(adv, ref_adv) <= 1e-5 and rel_err(ret, ref_ret) <= 1e-5
 
 
+@pytest.mark.skipif("cuda" not in ops.available_backends(), reason="needs the CUDA build of the extension and a GPU")
+@pytest.mark.parametrize("b,t", [(1, 1), (3, 40), (300, 17)])  # 300 rows: several thread blocks
+def test_gae_cuda_extension_matches_textbook(b, t):
+    g = torch.Generator().manual_seed(b + t)
+    rewards, values = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
+    mask = random_mask(g, b, t)
+    adv, ret = ops.gae(rewards.cuda(), values.cuda(), mask.cuda(), gamma=0.99, lam=0.9, backend="cuda")
+    ref_adv, ref_ret = R.gae_per_row(rewards.double(), values.double(), mask, 0.99, 0.9)
+    assert rel_err(adv, ref_adv) <= 1e-5 and rel_err(ret, ref_ret) <= 1e-5
+    assert (adv.cpu()[~mask] == 0).all() and (ret.cpu()[~mask] == 0).all()
+
+
 def test_gae_falls_back_without_extension(monkeypatch):
     monkeypatch.setattr(_backend, "_ext", lambda: None)
     assert "cpp" not in ops.available_backends() and "torch" in ops.available_backends()
