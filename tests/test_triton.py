@@ -251,6 +251,45 @@ def test_linear_ppo_loss_matches_two_op_triton_path(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accumulating_paths_under_small_budgets(device, dtype, monkeypatch):
+    # The GPU budgets put every test shape above in one vocabulary chunk / one token group, which would leave
+    # the fp32 accumulators (matmul_acc, autotuned with its restore of C) unexercised on a GPU: shrink them.
+    import rlhf_fast_kernels.fused_linear_loss as fl
+    import rlhf_fast_kernels.linear_logprobs as ll
+
+    monkeypatch.setattr(ll, "_BWD_BUFFER_MIN", 8 << 10)
+    monkeypatch.setattr(ll, "_BWD_BUFFER_MAX", 8 << 10)
+    monkeypatch.setattr(fl, "_CHUNK_BUFFER_BYTES", 32 << 10)
+    n, v = 40, 600  # V: 3 backward chunks of >= 256 columns (the GPU granule), the last partial
+    assert ll.vocab_chunk(n, 32, v, 4) < v and fl.plan(n, v, 4)[1] < n
+    hidden, weight, _, labels = make_inputs(11, n, 32, v, dtype, device)
+    h, w = leaf(hidden), leaf(weight)
+    lp = ops.linear_logprobs(h, w, labels, backend="triton")
+    g = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(device)
+    (lp * g).sum().backward()
+    rh, rw = f64(hidden), f64(weight)
+    ref = R.linear_logprobs(rh, rw, labels.cpu())
+    (ref * g.double().cpu()).sum().backward()
+    t = tol(dtype, device)
+    assert rel_err(lp, ref) <= t and rel_err(h.grad, rh.grad) <= 2 * t and rel_err(w.grad, rw.grad) <= 2 * t
+
+    mask = (labels != -100).view(4, 10)
+    old = (ref.detach().float().view(4, 10) + 0.2).to(device)
+    adv = torch.randn(4, 10, generator=torch.Generator().manual_seed(6)).to(device)
+    h1, w1 = leaf(hidden.view(4, 10, 32)), leaf(weight)
+    loss, _ = ops.linear_ppo_loss(h1, w1, labels.view(4, 10), old, adv, mask, entropy_coef=0.01, backend="triton")
+    loss.backward()
+    rh, rw = f64(hidden.view(4, 10, 32)), f64(weight)
+    lp64, ent64 = R.linear_logprobs(rh, rw, torch.where(mask, labels.view(4, 10), -100).cpu(), return_entropy=True)
+    ref_loss = composed_ppo_loss(lp64, ent64, old.double().cpu(), adv.double().cpu(), mask.cpu(), entropy_coef=0.01,
+                                 ref=None, kl_coef=0.0, kl_estimator="k3", loss_agg="token-mean")
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= t * (abs(ref_loss.item()) + 1.0)
+    assert rel_err(h1.grad, rh.grad, atol=1e-6) <= 2 * t and rel_err(w1.grad, rw.grad, atol=1e-6) <= 2 * t
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "B,T,hole_frac,gamma,lam",
     [(3, 5, 0.3, 0.99, 0.95), (7, 100, 0.3, 1.0, 0.95), (2, 300, 0.5, 0.99, 0.9), (1, 1, 0.0, 1.0, 1.0),
