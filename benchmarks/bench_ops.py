@@ -365,7 +365,7 @@ def build_cases(args) -> list[dict]:
                 for var in variants:
                     cases.append({"kind": "logprobs", "variant": var, "mode": mode, "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
             for backend in ("torch", "triton") if args.ppo else ():
-                for var in ("ppo-single", "ppo-two-op"):
+                for var in ("ppo-two-op", "ppo-single"):  # two-op first: the single pass's ratio is its speed-up
                     cases.append({"kind": "ppo", "variant": f"{var}:{backend}", "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
                 # Other logits chunks C: the single pass's dz group G takes the rest of its buffer budget, and
                 # each group reads and writes the fp32 V x H dweight accumulator once.
@@ -391,7 +391,8 @@ def print_table(rows, ceilings):
     baseline = {}
     for r in rows:
         c, res = r["case"], r["result"]
-        key = (c["kind"], c.get("mode"), c.get("n"), c.get("v"), c.get("b"))
+        backend = c["variant"].split(":")[1] if c["kind"] == "ppo" else None  # PPO rows: within one backend
+        key = (c["kind"], c.get("mode"), c.get("n"), c.get("v"), c.get("b"), backend)
         shape = f"N={c['n']} H={c['h']} V={c['v']}" if "n" in c else f"B={c['b']} T={c['t']}"
         if res is None or "error" in res:
             print(f"{label(c):<10} {c['variant']:<18} {c.get('mode', ''):<8} {shape:<26} {'n/a' if res is None else 'error: ' + res['error'][:40]:>10}")
