@@ -329,5 +329,15 @@ def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def resume_config_path(config_path: str | None, resume: str | None, what: str = "run") -> str | None:
+    """The config a CLI command starts from: a resumed run reads its own config.yaml unless --config names one
+    (overrides still apply). Raises UserError when ``resume`` is not a ``what`` directory."""
+    if resume is None:
+        return config_path
+    if not (Path(resume) / "config.yaml").is_file():
+        raise UserError(f"--resume: {resume!r} is not a {what} directory (no config.yaml)")
+    return config_path or str(Path(resume) / "config.yaml")
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, RewardSource, save_config
+from .config import Config, RewardSource, resume_config_path, save_config
 from .data import EVAL_SPLITS, load_prompts, read_rows
 from .errors import UserError
 from .trainers.rm import RMConfig
@@ -177,11 +177,8 @@ class Pipeline:
 
     @classmethod
     def from_cli(cls, config_path: str | None, overrides: list[str], resume: str | None) -> "Pipeline":
-        if resume is not None:
-            if not (Path(resume) / "config.yaml").is_file():
-                raise UserError(f"--resume: {resume!r} is not a pipeline run directory (no config.yaml)")
-            config_path = config_path or str(Path(resume) / "config.yaml")
-        return cls(load_stage_config(PipelineConfig, config_path, overrides), resume=resume)
+        return cls(load_stage_config(PipelineConfig, resume_config_path(config_path, resume, "pipeline run"), overrides),
+                   resume=resume)
 
     def _save_summary(self) -> None:
         self.summary_path.write_text(json.dumps(self.summary, indent=1))

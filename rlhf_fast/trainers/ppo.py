@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import ops
 from ..checkpoint import StopRequest, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..config import Config, load_config, save_config
+from ..config import Config, load_config, resume_config_path, save_config
 from ..data import PromptSampler, load_prompts
 from ..errors import UserError
 from ..models import (add_lora, attn_implementation, backbone, build_critic, frozen_copy, hidden_states, lm_head, load_causal_lm,
@@ -144,11 +144,7 @@ class PPOTrainer:
     @classmethod
     def from_cli(cls, config_path: str | None, overrides: list[str], resume: str | None) -> "PPOTrainer":
         """The CLI's constructor: a resumed run reads its own config.yaml (overrides still apply)."""
-        if resume is not None:
-            if not (Path(resume) / "config.yaml").is_file():
-                raise UserError(f"--resume: {resume!r} is not a run directory (no config.yaml)")
-            config_path = config_path or str(Path(resume) / "config.yaml")
-        return cls(load_config(config_path, overrides), resume=resume)
+        return cls(load_config(resume_config_path(config_path, resume), overrides), resume=resume)
 
     # ------------------------------------------------------------------------------------------ forwards
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from ..config import apply_override, parse_overrides, read_yaml, save_config
+from ..config import apply_override, parse_overrides, read_yaml, resume_config_path, save_config
 from ..data import PromptSampler
 from ..errors import UserError
 from ..preference_data import Messages
@@ -255,11 +255,7 @@ class StageTrainer:
     @classmethod
     def from_cli(cls, config_path: str | None, overrides: list[str], resume: str | None):
         """The CLI's constructor: a resumed run reads its own config.yaml (overrides still apply)."""
-        if resume is not None:
-            if not (Path(resume) / "config.yaml").is_file():
-                raise UserError(f"--resume: {resume!r} is not a run directory (no config.yaml)")
-            config_path = config_path or str(Path(resume) / "config.yaml")
-        return cls(load_stage_config(cls.config_class, config_path, overrides), resume=resume)
+        return cls(load_stage_config(cls.config_class, resume_config_path(config_path, resume), overrides), resume=resume)
 
     # -------------------------------------------------------------------------------------- hooks
 
