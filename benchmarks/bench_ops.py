@@ -41,11 +41,12 @@ def environment(device: str) -> dict:
         except (OSError, subprocess.CalledProcessError):
             return None
 
+    head = git("rev-parse", "HEAD")
     env = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         # BENCH_COMMIT: for a copy of the tree without .git (the lent GPU machine gets one).
-        "commit": git("rev-parse", "HEAD") or os.environ.get("BENCH_COMMIT"),
-        "dirty": None if git("rev-parse", "HEAD") is None else bool(git("status", "--porcelain", "--untracked-files=no")),
+        "commit": head or os.environ.get("BENCH_COMMIT"),
+        "dirty": None if head is None else bool(git("status", "--porcelain", "--untracked-files=no")),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
