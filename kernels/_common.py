@@ -14,6 +14,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _mend_interpreter_index() -> None:
+    """Make Triton 3.6's interpreter usable with NumPy >= 2.4 (triton-lang/triton#9171, fixed in Triton 3.7).
+
+    Its ``tensor.__index__`` is ``int()`` of a 1-element array, which NumPy 2.4 rejects, so every loop
+    bounded by a program id (``range(v_lo, v_hi, ...)``) raises. The interpreter installs that method while a
+    kernel runs; this wraps its installer to put a size-1 ``.item()`` version on top (restored with it).
+    """
+    from triton.runtime import interpreter
+
+    install = getattr(interpreter, "_patch_lang_tensor", None)
+    if install is None or getattr(install, "mended", False):
+        return
+
+    def mended(tensor, scope):
+        install(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    mended.mended = True
+    interpreter._patch_lang_tensor = mended
+
+
+if interpreting() and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+    _mend_interpreter_index()
+
+
 def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
     """Autotune candidates on a GPU; one small fixed config under the interpreter (nothing to tune, and slow)."""
     return [interp] if interpreting() else gpu

@@ -348,6 +348,36 @@ def test_autotune_candidates_follow_the_dot_kind():
     assert by_dot_kind(cfgs[:1], {}, DOT_F32=True) == cfgs[:1]  # the interpreter's single config stays
 
 
+def test_interpreter_index_mend(monkeypatch):
+    # Triton 3.6's interpreter makes a program id an int with int() of a 1-element array: an error in NumPy >= 2.4,
+    # a DeprecationWarning before. The mend must convert without either, and wrap the installer only once.
+    import warnings
+    from types import SimpleNamespace
+
+    import numpy as np
+    from triton.runtime import interpreter
+
+    import rlhf_fast_kernels._common as C
+
+    def triton36_install(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", triton36_install)
+    C._mend_interpreter_index()
+    mended = interpreter._patch_lang_tensor
+    C._mend_interpreter_index()
+    assert interpreter._patch_lang_tensor is mended is not triton36_install
+
+    class Tensor:
+        pass
+
+    mended(Tensor, SimpleNamespace(set_attr=setattr))
+    pid = SimpleNamespace(handle=SimpleNamespace(data=np.array([5], dtype=np.int32)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Tensor.__index__(pid) == 5
+
+
 def test_single_pass_plan_under_the_gpu_budget(monkeypatch):
     # 1 GiB shared as C x V fp32 logits + G x V bf16 dz, G = 3 C by default; a given C keeps it.
     import rlhf_fast_kernels.fused_linear_loss as fl
@@ -428,8 +458,11 @@ for dt in ("bf16", "fp32"):
         for kl in (False, True):
             build(LP._dlogits_kernel, ptrs, dict(HAS_BIAS=not kl, ENTROPY=not kl, KL=kl, **flags, **ref), cfg)
         build(KL._kl_stats_kernel, dict(h_ptr=p, w_ptr=p, rh_ptr=p, rw_ptr=p), dict(**flags, **ref), cfg)
-    for cfg in by_dot_kind(MM._CONFIGS, {}, DOT_F32=f32):
-        build(MM._matmul_acc_kernel, dict(a_ptr=p, b_ptr=p, c_ptr="*fp32"), flags, cfg)
+    # A launch turns an int equal to 1 into a constexpr: compile the unit strides of the two callers' layouts,
+    # dh += dz @ weight[chunk] (linear_logprobs) and dw += dz.T @ hidden[group] (fused_linear_loss).
+    for unit in (("stride_ak", "stride_bn", "stride_cn"), ("stride_am", "stride_bn", "stride_cn")):
+        for cfg in by_dot_kind(MM._CONFIGS, {}, DOT_F32=f32):
+            build(MM._matmul_acc_kernel, dict(a_ptr=p, b_ptr=p, c_ptr="*fp32"), dict(flags, **dict.fromkeys(unit, 1)), cfg)
     build(FL._dlogits_from_logits_kernel, dict(labels_ptr="*i64", out_ptr=p), dict(ENTROPY=True), FL._ELEMENTWISE_CONFIGS[0], check=False)
 for kernel in (G._chunk_summary_kernel, G._gae_scan_kernel):
     for block_b, block_t in ((1, 1024), (2, 16)):
