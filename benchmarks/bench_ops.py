@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ from rlhf_fast.ops import reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GAE_BYTES_PER_STEP = 4 + 4 + 1 + 4 + 4  # the fewest a GAE moves per (row, step): read r, v, mask; write adv, ret
 
 
 # ------------------------------------------------------------------ environment
@@ -247,18 +249,32 @@ def run_ppo(name, n, h, v, dtype, device, reps, chunk=None):
 
 
 # ------------------------------------------------------------------ GAE
-def gae_fn(name, b, t, device):
-    """A no-argument GAE call on fresh inputs, or None if the variant cannot run here.
+def gae_input_sets(b: int, t: int, device: str) -> int:
+    """Input sets a GAE row cycles through: on CUDA enough that they, with their outputs, fill 4x the L2 cache.
+
+    At B=256, T=4096 one set with its outputs is 17 MiB, well inside an H100's 50 MB L2: timed on one set,
+    the kernel would read its inputs from L2, not from the memory whose bandwidth bounds it.
+    """
+    if device != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 64 << 20)
+    return max(1, min(64, -(-4 * l2 // (b * t * GAE_BYTES_PER_STEP))))
+
+
+def gae_fn(name, b, t, device, n_sets: int = 1):
+    """A no-argument GAE call that takes the next of ``n_sets`` fresh input sets, or None if the variant cannot
+    run here. ``fn.call(i)`` runs on set i, ``fn.sets`` holds the (rewards, values, mask) sets.
 
     "<backend>" is the public op (input checks, and the output NaN guard: a device-to-host sync);
     "<backend>:kernel" the backend alone on prepared inputs, what the bandwidth time bounds.
     """
     g = torch.Generator(device="cpu").manual_seed(0)
-    rewards, values = torch.randn(b, t, generator=g).to(device), torch.randn(b, t, generator=g).to(device)
-    mask = (torch.rand(b, t, generator=g) < 0.9).to(device)
+    sets = [(torch.randn(b, t, generator=g).to(device), torch.randn(b, t, generator=g).to(device),
+             (torch.rand(b, t, generator=g) < 0.9).to(device)) for _ in range(n_sets)]
     backend, _, part = name.partition(":")
     if backend == "python-loop":
-        fn = lambda: reference.gae(rewards, values, mask, 1.0, 0.95)  # noqa: E731
+        def call(i):
+            return reference.gae(*sets[i], 1.0, 0.95)
     elif backend not in ops.available_backends() or (backend in ("triton", "cuda")) != (device == "cuda") or (
             backend == "cpp" and device != "cpu"):
         return None
@@ -267,41 +283,53 @@ def gae_fn(name, b, t, device):
 
         raw = {"cpp": lambda *a: _backend._ext().gae_cpu(*a), "cuda": lambda *a: _backend._ext().gae_cuda(*a),
                "triton": _triton.gae, "torch": reference.gae}[backend]
-        fn = lambda: raw(rewards, values, mask, 1.0, 0.95)  # noqa: E731
+
+        def call(i):
+            return raw(*sets[i], 1.0, 0.95)
     else:
-        fn = lambda: ops.gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=backend)  # noqa: E731
-    fn.inputs = (rewards, values, mask)
+        def call(i):
+            return ops.gae(*sets[i], gamma=1.0, lam=0.95, backend=backend)
+    turn = itertools.count()
+
+    def fn():
+        return call(next(turn) % n_sets)
+
+    fn.call, fn.sets = call, sets
     return fn
 
 
 def graphed(fn):
-    """fn replayed from a CUDA graph: a microsecond-scale kernel timed without host launch gaps."""
-    fn()  # compile / autotune outside the capture
+    """One call per input set, captured in a single CUDA graph: microsecond-scale kernels timed without host
+    launch gaps. Returns (replay, calls per replay); each call keeps its own outputs (none left in L2 for the next)."""
+    n = len(fn.sets)
+    for i in range(n):
+        fn.call(i)  # compile / autotune outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fn()
+        outs = [fn.call(i) for i in range(n)]
 
     def replay():
         graph.replay()
-        return out
+        return outs
 
-    replay.inputs = fn.inputs
-    return replay
+    return replay, n
 
 
-def run_gae(name, b, t, device, reps):
-    fn = gae_fn(name, b, t, device)
+def run_gae(name, b, t, device, reps, n_sets: int | None = None):
+    fn = gae_fn(name, b, t, device, gae_input_sets(b, t, device) if n_sets is None else n_sets)
     if fn is None:
         return None
-    if device == "cuda" and name.endswith(":kernel"):
-        fn = graphed(fn)
-    timing = measure(fn, device, reps)
-    adv, ret = fn()
+    timed, per_replay = graphed(fn) if device == "cuda" and name.endswith(":kernel") else (fn, 1)
+    timing = measure(timed, device, reps)
+    timing["time_s"] /= per_replay
+    timing["times_s"] = [x / per_replay for x in timing["times_s"]]
+    adv, ret = fn.call(0)
     rows = slice(0, 4)  # the per-row oracle is a scalar Python loop: a few rows are plenty
-    r, v, m = (x[rows].double().cpu() for x in fn.inputs)
+    r, v, m = (x[rows].double().cpu() for x in fn.sets[0])
     ref_adv, ref_ret = reference.gae_per_row(r, v, m, 1.0, 0.95)
-    return {**timing, "advantages_rel_err": rel_err(adv[rows].cpu(), ref_adv), "returns_rel_err": rel_err(ret[rows].cpu(), ref_ret)}
+    return {**timing, "input_sets": len(fn.sets), "advantages_rel_err": rel_err(adv[rows].cpu(), ref_adv),
+            "returns_rel_err": rel_err(ret[rows].cpu(), ref_ret)}
 
 
 def run_case(case: dict, device: str, reps: int):
@@ -333,7 +361,7 @@ def cuda_ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm = measure(lambda: a @ b, "cuda", reps=20, warmup=3)["time_s"]
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    x = torch.randint(0, 256, (1 << 30,), dtype=torch.uint8, device="cuda")  # random bytes: never time on zeros
     y = torch.empty_like(x)
     cp = measure(lambda: y.copy_(x), "cuda", reps=20, warmup=3)["time_s"]
     return {"bf16_matmul_tflops": 2 * 8192**3 / mm / 1e12, "copy_bandwidth_gbs": 2 * x.numel() / cp / 1e9}
@@ -469,8 +497,7 @@ def main(argv=None):
         if f and res and "time_s" in res:
             row["tflops"] = f / res["time_s"] / 1e12
         if case["kind"] == "gae" and ceilings and res and "time_s" in res:
-            bytes_moved = case["b"] * case["t"] * (4 + 4 + 1 + 4 + 4)  # read r, v, mask; write adv, ret
-            row["bandwidth_time_s"] = bytes_moved / (ceilings["copy_bandwidth_gbs"] * 1e9)
+            row["bandwidth_time_s"] = case["b"] * case["t"] * GAE_BYTES_PER_STEP / (ceilings["copy_bandwidth_gbs"] * 1e9)
         rows.append(row)
     print_table(rows, ceilings)
     out = args.out or RESULTS / f"bench_ops_{args.device}_{dt.date.today().isoformat()}.json"

@@ -44,7 +44,7 @@ def test_linear_logprobs(benchmark, variant, mode):
 @pytest.mark.parametrize("variant", ["python-loop", "torch", "cpp", "cuda", "triton"])
 def test_gae(benchmark, variant):
     b, t = (256, 4096) if DEVICE == "cuda" else (64, 1024)
-    fn = bench_ops.gae_fn(variant, b, t, DEVICE)
+    fn = bench_ops.gae_fn(variant, b, t, DEVICE, bench_ops.gae_input_sets(b, t, DEVICE))
     if fn is None:
         pytest.skip(f"{variant} not available here")
     benchmark.pedantic(lambda: (fn(), _sync()), rounds=5, warmup_rounds=1)

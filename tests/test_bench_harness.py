@@ -71,8 +71,17 @@ def test_liger_call_matches_reference():
 @pytest.mark.parametrize("variant", ["torch", "torch:kernel", *[f"{b}{k}" for b in backends_for("cpp") for k in ("", ":kernel")]])
 def test_gae_rows_carry_their_check(variant):
     # ":kernel" rows call the backend directly (no input checks, no NaN guard): the check must still hold
-    res = bench_ops.run_gae(variant, 3, 17, "cpu", reps=1)
-    assert res["advantages_rel_err"] < 1e-6 and res["returns_rel_err"] < 1e-6
+    res = bench_ops.run_gae(variant, 3, 17, "cpu", reps=1, n_sets=2)
+    assert res["advantages_rel_err"] < 1e-6 and res["returns_rel_err"] < 1e-6 and res["input_sets"] == 2
+
+
+def test_gae_rows_rotate_through_their_input_sets():
+    # On CUDA a row cycles through sets that overflow L2; each call must take the next set, not reuse one.
+    fn = bench_ops.gae_fn("torch", 2, 9, "cpu", n_sets=3)
+    assert len({s[0].data_ptr() for s in fn.sets}) == 3
+    for i in range(6):
+        torch.testing.assert_close(fn()[0], fn.call(i % 3)[0], rtol=0, atol=0)
+    assert not torch.equal(fn.call(0)[0], fn.call(1)[0])
 
 
 def test_single_pass_ppo_rows_are_checked_against_two_ops():
