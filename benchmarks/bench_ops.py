@@ -266,18 +266,25 @@ def gae_fn(name, b, t, device, n_sets: int = 1):
     run here. ``fn.call(i)`` runs on set i, ``fn.sets`` holds the (rewards, values, mask) sets.
 
     "<backend>" is the public op (input checks, and the output NaN guard: a device-to-host sync);
-    "<backend>:kernel" the backend alone on prepared inputs, what the bandwidth time bounds.
+    "<backend>:kernel" the backend alone on prepared inputs, what the bandwidth time bounds;
+    "triton:kernel@<n>" the Triton kernel with n rows per program (its planner's alternative, see kernels/gae.py).
     """
     g = torch.Generator(device="cpu").manual_seed(0)
     sets = [(torch.randn(b, t, generator=g).to(device), torch.randn(b, t, generator=g).to(device),
              (torch.rand(b, t, generator=g) < 0.9).to(device)) for _ in range(n_sets)]
     backend, _, part = name.partition(":")
+    part, _, rows_per_program = part.partition("@")
     if backend == "python-loop":
         def call(i):
             return reference.gae(*sets[i], 1.0, 0.95)
     elif backend not in ops.available_backends() or (backend in ("triton", "cuda")) != (device == "cuda") or (
             backend == "cpp" and device != "cpu"):
         return None
+    elif rows_per_program:
+        from rlhf_fast_kernels.gae import gae as triton_gae
+
+        def call(i):
+            return triton_gae(*sets[i], 1.0, 0.95, block_b=int(rows_per_program))
     elif part == "kernel":
         from rlhf_fast.ops import _backend, _triton
 
@@ -320,7 +327,7 @@ def run_gae(name, b, t, device, reps, n_sets: int | None = None):
     fn = gae_fn(name, b, t, device, gae_input_sets(b, t, device) if n_sets is None else n_sets)
     if fn is None:
         return None
-    timed, per_replay = graphed(fn) if device == "cuda" and name.endswith(":kernel") else (fn, 1)
+    timed, per_replay = graphed(fn) if device == "cuda" and ":kernel" in name else (fn, 1)
     timing = measure(timed, device, reps)
     timing["time_s"] /= per_replay
     timing["times_s"] = [x / per_replay for x in timing["times_s"]]
@@ -400,7 +407,7 @@ def build_cases(args) -> list[dict]:
                 # each group reads and writes the fp32 V x H dweight accumulator once.
                 for chunk in args.ppo_chunks or ():
                     cases.append({"kind": "ppo", "variant": f"ppo-single:{backend}", "chunk": chunk, "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
-    gae_variants = (["python-loop", "cuda", "cuda:kernel", "triton", "triton:kernel"] if args.device == "cuda"
+    gae_variants = (["python-loop", "cuda", "cuda:kernel", "triton", "triton:kernel", "triton:kernel@2"] if args.device == "cuda"
                     else ["python-loop", "torch", "cpp", "cpp:kernel"])
     for var in gae_variants:
         cases.append({"kind": "gae", "variant": var, "b": args.gae_rows, "t": args.gae_steps})

@@ -124,33 +124,45 @@ def _gae_scan_kernel(
         carry_v = _last(val, BLOCK_T)
 
 
-def _plan(b: int, t: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_T, chunk_len, n_chunks)."""
-    if interpreting():
+def _plan(b: int, t: int, device: torch.device, block_b: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_T, chunk_len, n_chunks): at least one program per SM (two wanted) where the shape allows.
+
+    Programs are found first by putting fewer rows in each, which costs nothing, and only then by splitting
+    time, which costs a second launch and a summary pass that reads the later chunks' inputs once more.
+    At B=256, T=4096 on 132 SMs: 256 one-row programs, one launch, every input read once.
+    ``block_b`` forces the rows per program (the benchmark compares plans with it).
+    """
+    if interpreting():  # small tiles, and a nominal 4 SMs, so that the tests reach every path
         block_t = min(32, triton.next_power_of_2(t))
-        block_b = min(4, triton.next_power_of_2(b))
-        target = 4
+        max_b = 4
     else:
         block_t = min(1024, max(16, triton.next_power_of_2(t)))
-        block_b = max(1, min(triton.next_power_of_2(b), 2048 // block_t))
-        target = 2 * num_sms(device)
+        max_b = 2048 // block_t
+    sms = num_sms(device)
+    if block_b is None:
+        block_b = max(1, min(triton.next_power_of_2(b), max_b))
+        while block_b > 1 and triton.cdiv(b, block_b) < sms:
+            block_b //= 2
     row_blocks = triton.cdiv(b, block_b)
     n_chunks = 1
-    if row_blocks < target // 2:  # too few rows to fill the machine: split time as well
-        n_chunks = max(1, min(triton.cdiv(target, row_blocks), triton.cdiv(t, block_t)))
+    if row_blocks < sms:  # too few rows to fill the machine: split time as well
+        n_chunks = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(t, block_t)))
     chunk_len = triton.cdiv(triton.cdiv(t, n_chunks), block_t) * block_t
     return block_b, block_t, chunk_len, triton.cdiv(t, chunk_len)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """rewards, values [B, T] fp32 contiguous; mask [B, T] bool -> (advantages, returns) [B, T] fp32 (0 where masked)."""
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+        block_b: int | None = None):
+    """rewards, values [B, T] fp32 contiguous; mask [B, T] bool -> (advantages, returns) [B, T] fp32 (0 where masked).
+
+    ``block_b``: rows per program, a power of 2 (default: :func:`_plan`'s choice)."""
     b, t = rewards.shape
     adv = torch.empty_like(rewards)
     ret = torch.empty_like(rewards)
     if b == 0 or t == 0:
         return adv, ret
     m8 = mask.contiguous().view(torch.uint8)
-    block_b, block_t, chunk_len, n_chunks = _plan(b, t, rewards.device)
+    block_b, block_t, chunk_len, n_chunks = _plan(b, t, rewards.device, block_b)
     grid = (triton.cdiv(b, block_b), n_chunks)
     summary = torch.empty(5, b, n_chunks, dtype=torch.float32, device=rewards.device)
     if interpreting():  # the tests: reading a summary that no program wrote (chunk 0's) would show as NaN

@@ -310,6 +310,35 @@ def test_gae_matches_per_row_recursion(device, B, T, hole_frac, gamma, lam):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,T,block_b", [(5, 300, 2), (9, 70, 4)])
+def test_gae_forced_rows_per_program(device, B, T, block_b):
+    # The plan the benchmark compares against: several rows per program, and time split as well.
+    from rlhf_fast_kernels import gae as G
+
+    n_chunks = G._plan(B, T, torch.device(device), block_b)[3]
+    assert n_chunks > 1 or not INTERPRET
+    g = torch.Generator().manual_seed(T)
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) >= 0.3
+    adv, ret = G.gae(rewards.to(device), values.to(device), mask.to(device), 0.99, 0.95, block_b=block_b)
+    ref_adv, ref_ret = R.gae_per_row(rewards.double(), values.double(), mask, 0.99, 0.95)
+    assert rel_err(adv, ref_adv) <= 1e-5 and rel_err(ret, ref_ret) <= 1e-5
+
+
+def test_gae_plan_fills_the_gpu_with_rows_before_splitting_time(monkeypatch):
+    from rlhf_fast_kernels import gae as G
+
+    monkeypatch.setattr(G, "interpreting", lambda: False)
+    monkeypatch.setattr(G, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert G._plan(256, 4096, cuda) == (1, 1024, 4096, 1)  # 256 one-row programs, one launch
+    assert G._plan(1024, 4096, cuda) == (2, 1024, 4096, 1)  # 512 programs of 2 rows
+    assert G._plan(64, 4096, cuda) == (1, 1024, 1024, 4)  # 64 rows: time split in 4 (256 programs)
+    assert G._plan(256, 4096, cuda, block_b=2) == (2, 1024, 2048, 2)  # the earlier plan, kept for comparison
+    assert G._plan(4096, 64, cuda) == (16, 64, 64, 1)  # short rows: 16 per program still gives 256 programs
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matmul_acc_strided(device, dtype):
     # c += a @ b with transposed / sliced operands, as the chunked backward calls it.
