@@ -208,8 +208,9 @@ def run_logprobs(name, mode, n, h, v, dtype, device, reps):
 
 
 # ------------------------------------------------------------------ PPO: single pass vs two ops
-def run_ppo(name, n, h, v, dtype, device, reps, chunk=None):
-    backend = name.split(":")[1]
+def ppo_losses(backend, n, h, v, dtype, device, chunk=None):
+    """(single_loss, two_op_loss, (hidden, weight)): no-argument PPO losses on one batch, or None if the backend
+    cannot run here. Single pass: linear_ppo_loss; two ops: linear_logprobs (+ entropy) then ppo_policy_loss."""
     if backend not in ops.available_backends() or (backend == "triton" and device != "cuda"):
         return None
     hidden, weight, labels = logprob_inputs(n, h, v, dtype, device)
@@ -228,20 +229,31 @@ def run_ppo(name, n, h, v, dtype, device, reps, chunk=None):
         lp, ent = ops.linear_logprobs(hidden3, weight, labels2, return_entropy=True, backend=backend)
         return ops.ppo_policy_loss(lp, old, adv, mask)[0] - 0.01 * ops.masked_mean(ent, mask)
 
-    is_single = name.startswith("ppo-single")
-    loss_fn = single_loss if is_single else two_op_loss
+    return single_loss, two_op_loss, (hidden3, weight)
 
+
+def ppo_step(loss_fn, params):
+    """One forward+backward; gradients dropped after, not before, so that peak memory includes them."""
     def step():
         loss_fn().backward()
-        hidden3.grad = weight.grad = None
+        for p in params:
+            p.grad = None
+    return step
 
-    timing = measure(step, device, reps)
+
+def run_ppo(name, n, h, v, dtype, device, reps, chunk=None):
+    losses = ppo_losses(name.split(":")[1], n, h, v, dtype, device, chunk)
+    if losses is None:
+        return None
+    single_loss, two_op_loss, params = losses
+    is_single = name.startswith("ppo-single")
+    timing = measure(ppo_step(single_loss if is_single else two_op_loss, params), device, reps)
     if not is_single:
         return timing
     # The single pass must equal the two-op composition (itself checked against float64 in the logprobs rows).
     def loss_and_grads(fn):
         loss = fn()
-        return (loss.detach(), *torch.autograd.grad(loss, (hidden3, weight)))
+        return (loss.detach(), *torch.autograd.grad(loss, params))
 
     got, want = loss_and_grads(single_loss), loss_and_grads(two_op_loss)
     names = ("loss", "dhidden", "dweight")

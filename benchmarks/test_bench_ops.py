@@ -41,6 +41,17 @@ def test_linear_logprobs(benchmark, variant, mode):
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("path", ["two-op", "single"])
+def test_ppo(benchmark, backend, path):
+    losses = bench_ops.ppo_losses(backend, N, H, V, DTYPE, DEVICE)
+    if losses is None:
+        pytest.skip(f"{backend} not available here")
+    single_loss, two_op_loss, params = losses
+    step = bench_ops.ppo_step(single_loss if path == "single" else two_op_loss, params)
+    benchmark.pedantic(lambda: (step(), _sync()), rounds=5, warmup_rounds=1)
+
+
 @pytest.mark.parametrize("variant", ["python-loop", "torch", "cpp", "cuda", "triton"])
 def test_gae(benchmark, variant):
     b, t = (256, 4096) if DEVICE == "cuda" else (64, 1024)
