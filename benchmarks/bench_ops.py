@@ -500,8 +500,18 @@ def main(argv=None):
 
     env = environment(args.device)
     ceilings = cuda_ceilings() if cuda else None
+    out = args.out or RESULTS / f"bench_ops_{args.device}_{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_args = {k: v for k, v in vars(args).items() if k not in ("_worker", "out")}
+    cases = build_cases(args)
     rows = []
-    for case in build_cases(args):
+
+    def save():  # after every row: a run cut short (a time limit, Ctrl-C) keeps what it measured
+        out.write_text(json.dumps({"environment": env, "ceilings": ceilings, "args": run_args, "rows": rows,
+                                   "complete": len(rows) == len(cases)}, indent=1, default=str))
+
+    save()
+    for case in cases:
         print(f"running {case}", file=sys.stderr, flush=True)
         if cuda:
             try:
@@ -518,12 +528,9 @@ def main(argv=None):
         if case["kind"] == "gae" and ceilings and res and "time_s" in res:
             row["bandwidth_time_s"] = case["b"] * case["t"] * GAE_BYTES_PER_STEP / (ceilings["copy_bandwidth_gbs"] * 1e9)
         rows.append(row)
+        save()
     print_table(rows, ceilings)
-    out = args.out or RESULTS / f"bench_ops_{args.device}_{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "ceilings": ceilings, "args": {k: v for k, v in vars(args).items() if k not in ("_worker", "out")}, "rows": rows}, indent=1, default=str))
     print(f"wrote {out}")
-
 
 if __name__ == "__main__":
     main()

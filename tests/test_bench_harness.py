@@ -1,6 +1,7 @@
 """The benchmark's built-in correctness check (benchmarks/bench_ops.py): it must pass right variants and
 flag wrong ones, since on a GPU it is what vouches for every timed row, competitors' included."""
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -90,3 +91,22 @@ def test_single_pass_ppo_rows_are_checked_against_two_ops():
     assert set(errs) == {"loss_vs_two_op_rel_err", "dhidden_vs_two_op_rel_err", "dweight_vs_two_op_rel_err"}
     assert max(errs.values()) < 1e-5, errs
     assert "loss_vs_two_op_rel_err" not in bench_ops.run_ppo("ppo-two-op:torch", 48, 16, 70, torch.float32, "cpu", reps=1)
+
+
+def test_run_cut_short_keeps_its_rows(tmp_path, monkeypatch):
+    # The JSON is rewritten after every row: a GPU call stopped at its time limit still returns what it measured.
+    calls = []
+
+    def run_isolated(case, device, reps, threads):
+        calls.append(case["variant"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return bench_ops.run_case(case, device, reps)
+
+    monkeypatch.setattr(bench_ops, "run_isolated", run_isolated)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_ops.main(["--device", "cpu", "--ops", "gae", "--gae-rows", "2", "--gae-steps", "8", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["case"]["variant"] for r in saved["rows"]] == calls[:1] and saved["complete"] is False
+    assert saved["rows"][0]["result"]["advantages_rel_err"] < 1e-6
