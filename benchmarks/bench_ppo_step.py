@@ -179,7 +179,8 @@ def main(argv=None) -> int:
         cmd += ["--share-critic"] * args.share_critic + ["--lora"] * args.lora
         t0 = time.time()
         # PASSIVE: idle OpenMP threads sleep rather than spin (as the CLI sets it), so a shared CPU does not stall
-        env = dict(os.environ, PYTHONPATH=str(HERE), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+                   OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

@@ -121,6 +121,17 @@ def test_gae_falls_back_without_extension(monkeypatch):
         ops.gae(rewards, values, mask, backend="cpp")
 
 
+def test_triton_unavailable_without_its_kernels_package(monkeypatch):
+    # Source tree without `pip install`: triton imports but rlhf_fast_kernels does not; "auto" must not pick it.
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rlhf_fast_kernels" else find_spec(name, *a))
+    assert "triton" not in ops.available_backends()
+    with pytest.raises(RuntimeError, match="triton"):
+        ops.gae(torch.randn(2, 5), torch.randn(2, 5), torch.ones(2, 5, dtype=torch.bool), backend="triton")
+
+
 # ---------------------------------------------------------------- PPO losses
 def policy_loss_f64(lp, old, adv, mask, loss_agg, clip_lo, clip_hi, dual):
     """Per-token loop, float64, straight from the formulas: the oracle for ppo_policy_loss."""

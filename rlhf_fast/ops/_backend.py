@@ -25,7 +25,9 @@ def _ext():
 
 
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    # rlhf_fast_kernels is the repo's kernels/ folder under its installed name: absent when the source tree
+    # is used without installing the package (PYTHONPATH=.), and then "triton" cannot run.
+    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("rlhf_fast_kernels") is not None
 
 
 def _interpret() -> bool:

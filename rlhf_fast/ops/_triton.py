@@ -6,6 +6,8 @@ inputs' dtypes; see kernels/*.py for the tiling and why no reduction races.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -14,6 +16,20 @@ from rlhf_fast_kernels import fused_linear_loss as _fused
 from rlhf_fast_kernels import gae as _gae
 from rlhf_fast_kernels import linear_kl as _kl
 from rlhf_fast_kernels import linear_logprobs as _lp
+
+
+def _on_inputs_gpu(fn):
+    """Run ``fn`` with its first tensor's GPU current: Triton launches on the current CUDA device, which for
+    inputs on cuda:1 need not be theirs. (Autograd runs each backward with its device already current.)"""
+
+    @functools.wraps(fn)
+    def run(x, *args):
+        if x.device.type != "cuda":
+            return fn(x, *args)
+        with torch.cuda.device(x.device):
+            return fn(x, *args)
+
+    return run
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -38,6 +54,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return dh, dw, db, None, None, None, None
 
 
+@_on_inputs_gpu
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, temperature: float,
                     ignore_index: int, return_entropy: bool) -> tuple[Tensor, Tensor | None]:
     """(logprobs [N] fp32, entropy [N] fp32 or None), 0 where ignored; differentiable w.r.t. hidden, weight, bias."""
@@ -65,6 +82,7 @@ class _LinearKL(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
+@_on_inputs_gpu
 def linear_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, labels: Tensor | None,
               temperature: float, ignore_index: int) -> Tensor:
     """Exact KL(pi || pi_ref) [N] fp32 per token, 0 where labels == ignore_index; differentiable w.r.t. hidden, weight."""
@@ -113,6 +131,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+@_on_inputs_gpu
 def fused_linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, temperature: float,
                       ignore_index: int, token_loss_fn, need_entropy: bool, chunk_size: int | None):
     """Single-pass loss: (loss 0-d differentiable w.r.t. hidden/weight/bias, logprobs [N], entropy [N] or None), detached."""
@@ -122,6 +141,7 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tens
                                   need_entropy, chunk_size)
 
 
+@_on_inputs_gpu
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """(advantages, returns) [B, T] fp32 by a parallel scan over time; 0 at masked positions."""
     return _gae.gae(rewards, values, mask, gamma, lam)
