@@ -106,13 +106,33 @@ def check_causal_lm(path: str, what: str = "model.policy"):
     return config
 
 
-def attn_implementation(name: str, device: torch.device, half_precision: bool = True) -> str:
-    """``auto``: flash_attention_2 on CUDA when flash-attn is installed (it needs bf16/fp16 activations), else sdpa."""
+def attn_implementation(name: str, device: torch.device, half_precision: bool) -> str:
+    """``auto``: flash_attention_2 on CUDA when flash-attn is installed, else sdpa.
+
+    ``half_precision``: whether the model will run under bf16 autocast. flash-attn takes only bf16/fp16
+    activations, and a model loaded in fp32 that runs without autocast gives it fp32 ones.
+    """
     if name != "auto":
         return name
     if device.type == "cuda" and half_precision and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def maybe_compile(module: torch.nn.Module, model_cfg, device: torch.device) -> torch.nn.Module:
+    """``module`` under ``torch.compile(dynamic=True)`` if ``model.compile`` says so (true, or auto on CUDA).
+
+    The backbones of a run (policy, reference, critic) share one compiled forward (one code object), and
+    train/eval mode, grad or no grad and LoRA adapters on or off give it about 8 variants: dynamo's default
+    limit per code object, past which a variant runs uncompiled, so the limit is raised for the process.
+    (LoRA with gradient checkpointing: the input-grad hook it needs sends the forward with gradients back to
+    eager; the no-grad forwards of scoring stay compiled.)
+    """
+    flag = model_cfg.compile
+    if flag == "true" or (flag == "auto" and device.type == "cuda"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        return torch.compile(module, dynamic=True)
+    return module
 
 
 def load_tokenizer(path: str):

@@ -189,14 +189,16 @@ class Pipeline:
     # -------------------------------------------------------------------------------------- stage 1
 
     @torch.no_grad()
-    def sample(self, policy, tokenizer, prompts, seed: int, batch_size: int) -> list[str]:
+    def sample(self, policy, tokenizer, prompts, seed: int, batch_size: int, autocast=None) -> list[str]:
+        """Responses to ``prompts``; ``autocast``: the context ``policy`` runs in (the PPO trainer's, for its policy)."""
         from .rollout import generate
 
         torch.manual_seed(seed)
         out = []
         eos = eos_ids(tokenizer, policy)
         for s in range(0, len(prompts), batch_size):
-            ro = generate(policy, tokenizer, prompts[s:s + batch_size], self.cfg.ppo.generation, eos, self.device, _no_autocast)
+            ro = generate(policy, tokenizer, prompts[s:s + batch_size], self.cfg.ppo.generation, eos, self.device,
+                          autocast or _no_autocast)
             out += ro.responses
         return out
 
@@ -216,7 +218,7 @@ class Pipeline:
         write_jsonl(self.out / "prompts_eval.jsonl", eval_rows)
         path = resolve_model_path(cfg.policy, "policy")
         tokenizer = load_tokenizer(path)
-        attn = attn_implementation(cfg.ppo.model.attn_implementation, self.device)
+        attn = attn_implementation(cfg.ppo.model.attn_implementation, self.device, False)  # sampled without autocast
         policy = load_causal_lm(path, attn, self.device, "policy").eval()
         ctx = getattr(policy.config, "max_position_embeddings", None)
         d = cfg.ppo.data
@@ -305,8 +307,9 @@ class Pipeline:
         t0 = time.perf_counter()
         cfg = self.cfg
         before = json.loads((self.out / "before.json").read_text())
-        if trainer is not None:
-            policy, tokenizer = trainer.policy, trainer.tokenizer
+        autocast = None
+        if trainer is not None:  # its policy may use flash-attn, which needs the trainer's bf16 autocast
+            policy, tokenizer, autocast = trainer.policy, trainer.tokenizer, trainer.autocast
         else:
             path = str(Path(cfg.ppo.output_dir) / "final")
             tokenizer = load_tokenizer(path)
@@ -319,7 +322,7 @@ class Pipeline:
         held = load_prompts(_prompt_cfg(cfg.ppo.data, self.out / "prompts_eval.jsonl"), tokenizer, cfg.ppo.generation.max_new_tokens,
                             None).train
         held = held[: len(before["prompts"])]
-        after = self.sample(policy, tokenizer, held, cfg.eval_seed, cfg.sample_batch_size)
+        after = self.sample(policy, tokenizer, held, cfg.eval_seed, cfg.sample_batch_size, autocast)
         judge = load_reward(cfg.judge, self.device)
         rm = RewardModel(str(self.out / "rm" / "final"), self.device, cfg.rm.train.eval_batch_size)
         prompts = before["prompts"]

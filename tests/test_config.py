@@ -75,3 +75,37 @@ def test_shipped_configs_load():
     # the other stages' configs are checked by test_shipped_stage_configs_load
     for path in sorted(Path(__file__).parent.parent.glob("configs/ppo_*.yaml")):
         load_config(path)
+
+
+def test_auto_attention_takes_flash_attn_only_for_half_precision_on_cuda(monkeypatch):
+    # flash-attn rejects fp32 activations: a model run without bf16 autocast must get sdpa even when it is installed
+    import importlib.util
+
+    import torch
+
+    from rlhf_fast.models import attn_implementation
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else find_spec(name, *a))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attn_implementation("auto", cuda, True) == "flash_attention_2"
+    assert attn_implementation("auto", cuda, False) == "sdpa"
+    assert attn_implementation("auto", cpu, True) == "sdpa"
+    assert attn_implementation("eager", cuda, True) == "eager"
+
+
+def test_compile_follows_the_flag_and_lifts_the_recompile_limit(monkeypatch):
+    # policy, reference and critic share one compiled forward: its ~8 variants must not hit dynamo's default limit of 8
+    import torch
+    import torch._dynamo
+
+    from rlhf_fast.config import ModelConfig
+    from rlhf_fast.models import maybe_compile
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    m = torch.nn.Linear(2, 2)
+    assert maybe_compile(m, ModelConfig(compile="auto"), torch.device("cpu")) is m
+    assert maybe_compile(m, ModelConfig(compile="false"), torch.device("cuda")) is m
+    assert torch._dynamo.config.recompile_limit == 8
+    assert maybe_compile(m, ModelConfig(compile="auto"), torch.device("cuda")) is not m
+    assert torch._dynamo.config.recompile_limit >= 32

@@ -191,3 +191,33 @@ def test_interrupted_sft_resumes_to_the_same_run(tiny, data, tmp_path):
     assert read_metrics(tmp_path / "full") == read_metrics(tmp_path / "cut")
     for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(p, q), n
+
+
+class HeadSpy:
+    """A trainer backend that records the dtypes of the (hidden, weight) it is given for log-probs."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def logprobs(self, hidden, weight, *args, **kwargs):
+        self.seen.append((hidden.dtype, weight.dtype))
+        return self.inner.logprobs(hidden, weight, *args, **kwargs)
+
+
+def test_bf16_gives_the_fused_head_bf16_operands(tiny, data, tmp_path):
+    # fp32 operands would take the GPU kernels' exact-fp32 dots (no tensor cores); the weight's gradient stays fp32
+    losses = {}
+    for flag in ("false", "true"):
+        cfg = load_stage_config(SFTConfig, None, base(tiny, tmp_path / flag, **{"data.train_file": data["sft"], "model.bf16": flag}))
+        trainer = SFTTrainer(cfg)
+        trainer.backend = spy = HeadSpy(trainer.backend)
+        loss, _ = trainer.compute_loss(trainer.train_set[:4])
+        loss.backward()
+        dtype = torch.bfloat16 if flag == "true" else torch.float32
+        assert spy.seen == [(dtype, dtype)]
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in trainer.model.parameters())
+        losses[flag] = loss.item()
+    assert losses["true"] == pytest.approx(losses["false"], rel=2e-2)

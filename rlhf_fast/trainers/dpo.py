@@ -24,11 +24,11 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import UserError
-from ..models import backbone, lm_head, unwrap
+from ..models import backbone, lm_head, maybe_compile, unwrap
 from ..preference_data import load_examples, with_system_prompt
 from .backend import get_backend
 from .stage import (StageDataConfig, StageTrainer, TrainConfig, batch_tensors, choice, disable_dropout, encode_conversation,
-                    load_policy, maybe_compile, report_data, token_logprobs, validate_common)
+                    load_policy, report_data, token_logprobs, validate_common)
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -107,9 +107,9 @@ class DPOTrainer(StageTrainer):
     def setup(self) -> None:
         cfg, d = self.cfg, self.cfg.data
         self.backend = get_backend(cfg.kernels)
-        self.tokenizer, self.model = load_policy(cfg.model, self.device)
+        self.tokenizer, self.model = load_policy(cfg.model, self.device, self.bf16)
         disable_dropout(self.model)
-        self.body = maybe_compile(backbone(self.model), cfg.model.compile, self.device)
+        self.body = maybe_compile(backbone(self.model), cfg.model, self.device)
         self.modules = {"policy": self.model}
         loaded = load_examples(d, "preference", cfg.seed)
 
@@ -142,7 +142,8 @@ class DPOTrainer(StageTrainer):
         ids = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
         labels = [p.chosen_labels for p in pairs] + [p.rejected_labels for p in pairs]
         input_ids, mask, lab = batch_tensors(ids, labels, self.tokenizer.pad_token_id, self.device)
-        seq = token_logprobs(body, weight, input_ids, mask, lab, self.backend, self.autocast, self.fp32).sum(-1)
+        seq = token_logprobs(body, weight, input_ids, mask, lab, self.backend, self.autocast, self.fp32,
+                             head_dtype=self.head_dtype).sum(-1)
         return seq[: len(pairs)], seq[len(pairs):]
 
     @torch.no_grad()
@@ -164,7 +165,7 @@ class DPOTrainer(StageTrainer):
             if load_tokenizer(path_ref).get_vocab() != self.tokenizer.get_vocab():
                 raise UserError(f"dpo.reference_model: {path_ref!r} has a different tokenizer than the policy; "
                                 "the reference must score the policy's token ids")
-            ref = load_causal_lm(path_ref, attn_implementation(self.cfg.model.attn_implementation, self.device), self.device,
+            ref = load_causal_lm(path_ref, attn_implementation(self.cfg.model.attn_implementation, self.device, self.bf16), self.device,
                                  "dpo.reference_model").eval()
             body, weight = backbone(ref), lm_head(ref)[0]
         self.set_train(False)

@@ -29,7 +29,7 @@ from ..config import Config, load_config, resume_config_path, save_config
 from ..data import PromptSampler, load_prompts
 from ..errors import UserError
 from ..models import (add_lora, attn_implementation, backbone, build_critic, frozen_copy, hidden_states, lm_head, load_causal_lm,
-                      load_tokenizer, resolve_model_path, train_top_layers, unwrap)
+                      load_tokenizer, maybe_compile, resolve_model_path, train_top_layers, unwrap)
 from ..rewards import CombinedReward
 from ..rollout import Rollout, RunningMoments, generate, token_rewards
 from ..tracking import Tracker
@@ -79,7 +79,6 @@ class PPOTrainer:
         np.random.seed(cfg.seed)
         self.backend = get_backend(cfg.kernels)
         self.bf16 = cfg.model.bf16 == "true" or (cfg.model.bf16 == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        use_compile = cfg.model.compile == "true" or (cfg.model.compile == "auto" and self.device.type == "cuda")
 
         # Models: policy, reference (a frozen copy, or the LoRA policy with adapters off), critic, rewards.
         path = resolve_model_path(cfg.model.policy, "model.policy")
@@ -107,10 +106,10 @@ class PPOTrainer:
         if bias is not None:
             raise UserError("model.policy: LM heads with a bias are not supported")
         self.eos_ids = _eos_ids(self.tokenizer, policy)
-        maybe_compile = (lambda m: torch.compile(m, dynamic=True)) if use_compile else (lambda m: m)
-        self.policy_body = maybe_compile(backbone(policy))
-        self.ref_body = maybe_compile(backbone(self.ref)) if self.ref is not None else self.policy_body
-        self.critic_body = maybe_compile(self.critic.body) if self.critic.body is not None else None
+        compiled = lambda m: maybe_compile(m, cfg.model, self.device)  # noqa: E731
+        self.policy_body = compiled(backbone(policy))
+        self.ref_body = compiled(backbone(self.ref)) if self.ref is not None else self.policy_body
+        self.critic_body = compiled(self.critic.body) if self.critic.body is not None else None
 
         # Optimizer over what trains: the policy (all weights, or the LoRA adapters) and the critic.
         p = cfg.ppo

@@ -257,7 +257,7 @@ class RewardModelTrainer(StageTrainer):
         path = resolve_model_path(m.backbone, "model.backbone")
         self.tokenizer = load_tokenizer(path)
         self.pad_id = self.tokenizer.pad_token_id
-        self.model = load_classifier(path, len(m.heads), attn_implementation(m.attn_implementation, self.device), self.device)
+        self.model = load_classifier(path, len(m.heads), attn_implementation(m.attn_implementation, self.device, self.bf16), self.device)
         self.model.config.pad_token_id = self.pad_id
         for mod in self.model.modules():  # a reward is a deterministic function of the text
             if isinstance(mod, nn.Dropout):

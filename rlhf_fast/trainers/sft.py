@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..models import backbone, lm_head, unwrap
+from ..models import backbone, lm_head, maybe_compile, unwrap
 from ..preference_data import load_examples, with_system_prompt
 from .backend import get_backend
 from .stage import (IGNORE_INDEX, StageDataConfig, StageTrainer, TrainConfig, batch_tensors, encode_conversation, load_policy,
-                    maybe_compile, report_data, right_pad, token_logprobs, validate_common)
+                    report_data, right_pad, token_logprobs, validate_common)
 
 
 @dataclass
@@ -91,8 +91,8 @@ class SFTTrainer(StageTrainer):
     def setup(self) -> None:
         cfg = self.cfg
         self.backend = get_backend(cfg.kernels)
-        self.tokenizer, self.model = load_policy(cfg.model, self.device)
-        self.body = maybe_compile(backbone(self.model), cfg.model.compile, self.device)
+        self.tokenizer, self.model = load_policy(cfg.model, self.device, self.bf16)
+        self.body = maybe_compile(backbone(self.model), cfg.model, self.device)
         self.modules = {"policy": self.model}
         loaded = load_examples(cfg.data, "sft", cfg.seed)
         d = cfg.data
@@ -131,10 +131,12 @@ class SFTTrainer(StageTrainer):
             pos = right_pad([e.positions for e in examples], -1)
             tail = pos < 0  # padding forms its own segment: positions 0.. again
             pos = torch.where(tail, tail.long().cumsum(-1) - 1, pos).to(self.device)
-            lp = token_logprobs(self.body, weight, ids, None, labels, self.backend, self.autocast, self.fp32, position_ids=pos)
+            lp = token_logprobs(self.body, weight, ids, None, labels, self.backend, self.autocast, self.fp32, position_ids=pos,
+                                 head_dtype=self.head_dtype)
         else:
             ids, mask, labels = batch_tensors([e.ids for e in examples], [e.labels for e in examples], pad, self.device)
-            lp = token_logprobs(self.body, weight, ids, mask, labels, self.backend, self.autocast, self.fp32)
+            lp = token_logprobs(self.body, weight, ids, mask, labels, self.backend, self.autocast, self.fp32,
+                                head_dtype=self.head_dtype)
         return lp, labels[:, 1:] != IGNORE_INDEX
 
     def compute_loss(self, examples: list[Tokens]) -> tuple[Tensor, dict[str, float]]:

@@ -175,7 +175,7 @@ def encode_conversation(msgs: Messages, tokenizer, use_template: bool, last_only
 
 
 def token_logprobs(body, weight: Tensor, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, backend,
-                   autocast, fp32, position_ids: Tensor | None = None) -> Tensor:
+                   autocast, fp32, position_ids: Tensor | None = None, head_dtype: torch.dtype = torch.float32) -> Tensor:
     """[B, S-1] float32 log-probs of ``labels[:, 1:]`` (0 where IGNORE_INDEX) from the backbone's hidden states and the
     LM-head weight through ``backend.logprobs`` (``rlhf_fast.ops.linear_logprobs`` when fused: no [tokens x vocab]
     logits). ``position_ids`` with ``attention_mask=None`` runs packed rows (each restart of the positions begins
@@ -188,7 +188,9 @@ def token_logprobs(body, weight: Tensor, input_ids: Tensor, attention_mask: Tens
         else:
             h = hidden_states(body, input_ids, attention_mask)
     with fp32():
-        return backend.logprobs(h[:, :-1].float(), weight, labels[:, 1:], 1.0)
+        # head_dtype bf16 under bf16 (the fused ops accumulate in fp32): fp32 operands would take the GPU's
+        # exact-fp32 dot path, many times slower than its bf16 tensor cores
+        return backend.logprobs(h[:, :-1].to(head_dtype), weight.to(head_dtype), labels[:, 1:], 1.0)
 
 
 def right_pad(seqs: list[list[int]], value: int) -> Tensor:
@@ -286,6 +288,11 @@ class StageTrainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
+    @property
+    def head_dtype(self) -> torch.dtype:
+        """Dtype of the LM-head operands (hidden states, weight) given to the log-prob op."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
     def fp32(self):
         """Head math (log-probs, rewards) in fp32 even under bf16 autocast."""
         return torch.autocast(self.device.type, enabled=False) if self.bf16 else nullcontext()
@@ -372,13 +379,14 @@ def report_data(name: str, loaded, n_train: int, n_eval: int, dropped_long: int,
             "data/skipped_invalid": float(loaded.skipped), "data/dropped_long": float(dropped_long)}
 
 
-def load_policy(model_cfg, device: torch.device):
-    """(tokenizer, causal LM) of ``model.policy`` (``rlhf_fast.config.ModelConfig``: LoRA, gradient checkpointing)."""
+def load_policy(model_cfg, device: torch.device, bf16: bool):
+    """(tokenizer, causal LM) of ``model.policy`` (``rlhf_fast.config.ModelConfig``: LoRA, gradient checkpointing);
+    ``bf16``: whether it runs under bf16 autocast (see ``attn_implementation``)."""
     from ..models import add_lora, attn_implementation, lm_head, load_causal_lm, load_tokenizer, resolve_model_path, unwrap
 
     path = resolve_model_path(model_cfg.policy, "model.policy")
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path, attn_implementation(model_cfg.attn_implementation, device), device)
+    model = load_causal_lm(path, attn_implementation(model_cfg.attn_implementation, device, bf16), device)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if model_cfg.lora.enabled:
@@ -395,10 +403,3 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-
-
-def maybe_compile(module: torch.nn.Module, flag: str, device: torch.device):
-    """``model.compile``: true, false, or auto (on CUDA only), as the PPO trainer reads it."""
-    if flag == "true" or (flag == "auto" and device.type == "cuda"):
-        return torch.compile(module, dynamic=True)
-    return module
