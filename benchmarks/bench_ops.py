@@ -143,12 +143,15 @@ def logprob_variant(name: str, device: str):
             return None
         loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
         return lambda h, w, y: -loss(w, h, y)
-    if name == "cce":
+    if name in ("cce", "cce-exact"):
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError:
             return None
-        return lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none")
+        # CCE's default skips backward blocks whose every |dz| < bf16 eps / 32 ("gradient filtering"); with
+        # filter_eps=None its gradients are exact, as the other variants' are
+        kw = {"filter_eps": None} if name == "cce-exact" else {}
+        return lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none", **kw)
     raise ValueError(name)
 
 
@@ -351,12 +354,57 @@ def run_gae(name, b, t, device, reps, n_sets: int | None = None):
             "returns_rel_err": rel_err(ret[rows].cpu(), ref_ret)}
 
 
+# ------------------------------------------------------------------ accumulating GEMM: C (fp32) += A @ B (bf16)
+def acc_operands(layout: str, n: int, h: int, v: int, device: str):
+    """(c fp32, a, b bf16) shaped as the Triton backends accumulate: "dh" is dhidden += dz @ weight[chunk]
+    (linear_logprobs' backward: dz [N, Vc] row-major), "dw" is dweight += dz.T @ hidden[group] (the
+    single-pass loss: dz.T [V, G] column-major), with Vc and G as the kernels pick them."""
+    from rlhf_fast_kernels.fused_linear_loss import plan
+    from rlhf_fast_kernels.linear_logprobs import vocab_chunk
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
+    if layout == "dh":
+        k = vocab_chunk(n, h, v, 2)
+        a = rand(n, k).to(torch.bfloat16)
+    else:
+        k = plan(n, v, 2)[1]
+        a = rand(k, v).to(torch.bfloat16).T
+    return rand(a.shape[0], h), a, rand(k, h).to(torch.bfloat16)
+
+
+def acc_variant(name: str):
+    """fn(c, a, b) -> c after c += a @ b: our Triton kernel, cuBLAS with an fp32 output (torch's out_dtype),
+    or a bf16 product added to c (a temporary of c's shape, and the product rounded to bf16)."""
+    if name == "triton":
+        from rlhf_fast_kernels.matmul import matmul_acc
+
+        return matmul_acc
+    if name == "cublas-out-dtype":
+        return lambda c, a, b: torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+    if name == "cublas-bf16-add":
+        return lambda c, a, b: c.add_(a @ b)
+    raise ValueError(name)
+
+
+def run_acc(name, layout, n, h, v, device, reps):
+    fn = acc_variant(name)
+    c, a, b = acc_operands(layout, n, h, v, device)
+    timing = measure(lambda: fn(c, a, b), device, reps)
+    c.normal_()
+    rows = torch.randperm(c.shape[0], device=device)[:64]
+    want = c[rows].double() + a[rows].double() @ b.double()
+    return {**timing, "mkn": [a.shape[0], a.shape[1], b.shape[1]], "c_rel_err": rel_err(fn(c, a, b)[rows], want)}
+
+
 def run_case(case: dict, device: str, reps: int):
     kind = case["kind"]
     if kind == "logprobs":
         return run_logprobs(case["variant"], case["mode"], case["n"], case["h"], case["v"], DTYPES[case["dtype"]], device, reps)
     if kind == "ppo":
         return run_ppo(case["variant"], case["n"], case["h"], case["v"], DTYPES[case["dtype"]], device, reps, case.get("chunk"))
+    if kind == "acc":
+        return run_acc(case["variant"], case["layout"], case["n"], case["h"], case["v"], device, reps)
     return run_gae(case["variant"], case["b"], case["t"], device, max(reps, 50))  # ms-scale: more reps for a steady median
 
 
@@ -386,13 +434,16 @@ def cuda_ceilings() -> dict:
     return {"bf16_matmul_tflops": 2 * 8192**3 / mm / 1e12, "copy_bandwidth_gbs": 2 * x.numel() / cp / 1e9}
 
 
-def flops(case: dict) -> float | None:
+def flops(case: dict, result: dict | None = None) -> float | None:
     if case["kind"] == "logprobs":
         # Materialized logits: logits, dhidden, dweight. Fused ones recompute the logits in the backward (Liger
         # too with reduction="none": its per-token gradient scale is known only then).
         passes = 1 if case["mode"] == "fwd" else (3 if case["variant"] in ("naive", "naive-compile") else 4)
     elif case["kind"] == "ppo":
         passes = 3 if case["variant"].startswith("ppo-single") else 4
+    elif case["kind"] == "acc" and result and "mkn" in result:
+        m, k, n = result["mkn"]
+        return 2.0 * m * k * n
     else:
         return None
     return 2.0 * passes * case["n"] * case["h"] * case["v"]
@@ -401,7 +452,8 @@ def flops(case: dict) -> float | None:
 # ------------------------------------------------------------------ main
 def build_cases(args) -> list[dict]:
     cases = []
-    variants = ["naive", "naive-compile", "torch", "triton", "liger", "cce"] if args.device == "cuda" else ["naive", "torch"]
+    variants = (["naive", "naive-compile", "torch", "triton", "liger", "cce", "cce-exact"] if args.device == "cuda"
+                else ["naive", "torch"])
     if args.compile and args.device == "cpu":
         variants.insert(1, "naive-compile")
     if args.variants:
@@ -419,6 +471,10 @@ def build_cases(args) -> list[dict]:
                 # each group reads and writes the fp32 V x H dweight accumulator once.
                 for chunk in args.ppo_chunks or ():
                     cases.append({"kind": "ppo", "variant": f"ppo-single:{backend}", "chunk": chunk, "n": n, "h": args.hidden, "v": v, "dtype": args.dtype})
+            # The accumulating GEMM of both Triton paths, ours against cuBLAS (bf16 operands, fp32 C)
+            for layout in ("dh", "dw") if args.device == "cuda" else ():
+                for var in ("triton", "cublas-out-dtype", "cublas-bf16-add"):
+                    cases.append({"kind": "acc", "variant": var, "layout": layout, "n": n, "h": args.hidden, "v": v})
     gae_variants = (["python-loop", "cuda", "cuda:kernel", "triton", "triton:kernel", "triton:kernel@2"] if args.device == "cuda"
                     else ["python-loop", "torch", "cpp", "cpp:kernel"])
     for var in gae_variants:
@@ -440,10 +496,13 @@ def print_table(rows, ceilings):
     for r in rows:
         c, res = r["case"], r["result"]
         backend = c["variant"].split(":")[1] if c["kind"] == "ppo" else None  # PPO rows: within one backend
-        key = (c["kind"], c.get("mode"), c.get("n"), c.get("v"), c.get("b"), backend)
+        mode = c.get("mode") or c.get("layout", "")  # accumulating-GEMM rows: which backward product
+        key = (c["kind"], mode, c.get("n"), c.get("v"), c.get("b"), backend)
         shape = f"N={c['n']} H={c['h']} V={c['v']}" if "n" in c else f"B={c['b']} T={c['t']}"
+        if res and "mkn" in res:
+            shape = "M={} K={} N={}".format(*res["mkn"])
         if res is None or "error" in res:
-            print(f"{label(c):<10} {c['variant']:<18} {c.get('mode', ''):<8} {shape:<26} {'n/a' if res is None else 'error: ' + res['error'][:40]:>10}")
+            print(f"{label(c):<10} {c['variant']:<18} {mode:<8} {shape:<26} {'n/a' if res is None else 'error: ' + res['error'][:40]:>10}")
             continue
         baseline.setdefault(key, res)
         tf = f"{r['tflops']:.2f}" if r.get("tflops") else "-"
@@ -455,10 +514,10 @@ def print_table(rows, ceilings):
         bw = f" {res['time_s'] / r['bandwidth_time_s']:.1f}x bandwidth time" if r.get("bandwidth_time_s") else ""
         errs = [x for k, x in res.items() if k.endswith("_rel_err")]
         err = f"{max(errs):.1e}" if errs else "-"
-        print(f"{label(c):<10} {c['variant']:<18} {c.get('mode', ''):<8} {shape:<26} {res['time_s'] * 1e3:>8.1f}ms {fmt_bytes(mem):>12} {tf:>8} {pct:>6} {err:>8}  {ratio:.2f}x speed{mem_ratio}{bw}")
+        print(f"{label(c):<10} {c['variant']:<18} {mode:<8} {shape:<26} {res['time_s'] * 1e3:>8.1f}ms {fmt_bytes(mem):>12} {tf:>8} {pct:>6} {err:>8}  {ratio:.2f}x speed{mem_ratio}{bw}")
     print("(ratio: speed and memory relative to the first row of the same op/mode/shape; rel err: worst of value and\n"
           " gradients against float64 on materialized logits, first 64 tokens; GAE: the per-row recursion; single-pass\n"
-          " PPO: loss and gradients against the two-op path)")
+          " PPO: loss and gradients against the two-op path; acc: C += A @ B on 64 rows against float64)")
 
 
 def main(argv=None):
@@ -473,7 +532,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default: cpu 3, cuda 20)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd naive on CPU (slow to compile)")
     p.add_argument("--ppo", action=argparse.BooleanOptionalAction, default=None, help="single-pass PPO vs two ops (default: on for cuda)")
-    p.add_argument("--ops", nargs="+", choices=["logprobs", "ppo", "gae"], default=["logprobs", "ppo", "gae"],
+    p.add_argument("--ops", nargs="+", choices=["logprobs", "ppo", "acc", "gae"], default=["logprobs", "ppo", "acc", "gae"],
                    help="which tables to run (split a long GPU run over several calls)")
     p.add_argument("--ppo-chunks", type=int, nargs="+", help="extra single-pass PPO rows at these token chunk sizes")
     p.add_argument("--variants", nargs="+", help="linear log-prob variants to keep (default: all available)")
@@ -522,7 +581,7 @@ def main(argv=None):
         else:
             res = run_isolated(case, "cpu", args.reps, args.threads)
         row = {"case": case, "result": res}
-        f = flops(case)
+        f = flops(case, res)
         if f and res and "time_s" in res:
             row["tflops"] = f / res["time_s"] / 1e12
         if case["kind"] == "gae" and ceilings and res and "time_s" in res:

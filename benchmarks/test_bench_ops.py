@@ -20,7 +20,7 @@ def _sync():
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("variant", ["naive", "naive-compile", "torch", "triton", "liger", "cce"])
+@pytest.mark.parametrize("variant", ["naive", "naive-compile", "torch", "triton", "liger", "cce", "cce-exact"])
 def test_linear_logprobs(benchmark, variant, mode):
     if variant == "naive-compile" and DEVICE != "cuda":
         pytest.skip("torch.compile timed on CUDA only")

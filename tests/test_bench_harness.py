@@ -110,3 +110,13 @@ def test_run_cut_short_keeps_its_rows(tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert [r["case"]["variant"] for r in saved["rows"]] == calls[:1] and saved["complete"] is False
     assert saved["rows"][0]["result"]["advantages_rel_err"] < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["dh", "dw"])
+def test_accumulating_gemm_rows_are_checked(layout):
+    # fp32 accumulation of exact bf16 products stays near fp32 rounding; a bf16-rounded product does not
+    exact = bench_ops.run_acc("triton", layout, 40, 24, 300, "cpu", reps=1) if INTERPRET else None
+    rounded = bench_ops.run_acc("cublas-bf16-add", layout, 40, 24, 300, "cpu", reps=1)
+    assert rounded["c_rel_err"] > 1e-4
+    if exact is not None:
+        assert exact["c_rel_err"] < 1e-5 and exact["mkn"] == rounded["mkn"]
