@@ -10,7 +10,7 @@ TRITON_VERSION ?= 3.7.1
 VENV_FLAGS := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
 STAMP := $(VENV)/.rlhf_fast-installed
 
-.PHONY: demo test bench-ops gpu-wheels setup clean
+.PHONY: demo test test-min bench-ops gpu-wheels setup clean
 
 demo: $(STAMP)  # PPO on SmolLM2-135M-Instruct with a VADER sentiment reward (~10 min on 2 CPU cores), then its curves
 	$(BIN)/rlhf-fast ppo --config configs/ppo_smollm2_sentiment.yaml
@@ -26,6 +26,13 @@ gpu-wheels: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The suite against the lent GPU machine's triton and transformers, the oldest supported (torch stays 2.13.0:
+# this machine's registry has no CPU build of 2.11).
+test-min:
+	$(MAKE) setup VENV=.venv-min TRITON_VERSION=3.6.0
+	.venv-min/bin/python -m pip install -q transformers==5.17.0
+	.venv-min/bin/python -m pytest -q
 
 setup: $(STAMP)
 
