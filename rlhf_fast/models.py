@@ -119,8 +119,8 @@ def attn_implementation(name: str, device: torch.device, half_precision: bool) -
     return "sdpa"
 
 
-def maybe_compile(module: torch.nn.Module, model_cfg, device: torch.device) -> torch.nn.Module:
-    """``module`` under ``torch.compile(dynamic=True)`` if ``model.compile`` says so (true, or auto on CUDA).
+def maybe_compile(module: torch.nn.Module, flag: str, device: torch.device) -> torch.nn.Module:
+    """``module`` under ``torch.compile(dynamic=True)`` if ``flag`` (``model.compile``) says so: true, or auto on CUDA.
 
     The backbones of a run (policy, reference, critic) share one compiled forward (one code object), and
     train/eval mode, grad or no grad and LoRA adapters on or off give it about 8 variants: dynamo's default
@@ -128,7 +128,6 @@ def maybe_compile(module: torch.nn.Module, model_cfg, device: torch.device) -> t
     (LoRA with gradient checkpointing: the input-grad hook it needs sends the forward with gradients back to
     eager; the no-grad forwards of scoring stay compiled.)
     """
-    flag = model_cfg.compile
     if flag == "true" or (flag == "auto" and device.type == "cuda"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         return torch.compile(module, dynamic=True)

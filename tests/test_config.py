@@ -99,13 +99,12 @@ def test_compile_follows_the_flag_and_lifts_the_recompile_limit(monkeypatch):
     import torch
     import torch._dynamo
 
-    from rlhf_fast.config import ModelConfig
     from rlhf_fast.models import maybe_compile
 
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     m = torch.nn.Linear(2, 2)
-    assert maybe_compile(m, ModelConfig(compile="auto"), torch.device("cpu")) is m
-    assert maybe_compile(m, ModelConfig(compile="false"), torch.device("cuda")) is m
+    assert maybe_compile(m, "auto", torch.device("cpu")) is m
+    assert maybe_compile(m, "false", torch.device("cuda")) is m
     assert torch._dynamo.config.recompile_limit == 8
-    assert maybe_compile(m, ModelConfig(compile="auto"), torch.device("cuda")) is not m
+    assert maybe_compile(m, "auto", torch.device("cuda")) is not m
     assert torch._dynamo.config.recompile_limit >= 32

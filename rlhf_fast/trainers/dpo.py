@@ -109,7 +109,7 @@ class DPOTrainer(StageTrainer):
         self.backend = get_backend(cfg.kernels)
         self.tokenizer, self.model = load_policy(cfg.model, self.device, self.bf16)
         disable_dropout(self.model)
-        self.body = maybe_compile(backbone(self.model), cfg.model, self.device)
+        self.body = maybe_compile(backbone(self.model), cfg.model.compile, self.device)
         self.modules = {"policy": self.model}
         loaded = load_examples(d, "preference", cfg.seed)
 

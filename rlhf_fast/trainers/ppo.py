@@ -106,10 +106,10 @@ class PPOTrainer:
         if bias is not None:
             raise UserError("model.policy: LM heads with a bias are not supported")
         self.eos_ids = _eos_ids(self.tokenizer, policy)
-        compiled = lambda m: maybe_compile(m, cfg.model, self.device)  # noqa: E731
-        self.policy_body = compiled(backbone(policy))
-        self.ref_body = compiled(backbone(self.ref)) if self.ref is not None else self.policy_body
-        self.critic_body = compiled(self.critic.body) if self.critic.body is not None else None
+        flag = cfg.model.compile
+        self.policy_body = maybe_compile(backbone(policy), flag, self.device)
+        self.ref_body = maybe_compile(backbone(self.ref), flag, self.device) if self.ref is not None else self.policy_body
+        self.critic_body = maybe_compile(self.critic.body, flag, self.device) if self.critic.body is not None else None
 
         # Optimizer over what trains: the policy (all weights, or the LoRA adapters) and the critic.
         p = cfg.ppo

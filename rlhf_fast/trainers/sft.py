@@ -92,7 +92,7 @@ class SFTTrainer(StageTrainer):
         cfg = self.cfg
         self.backend = get_backend(cfg.kernels)
         self.tokenizer, self.model = load_policy(cfg.model, self.device, self.bf16)
-        self.body = maybe_compile(backbone(self.model), cfg.model, self.device)
+        self.body = maybe_compile(backbone(self.model), cfg.model.compile, self.device)
         self.modules = {"policy": self.model}
         loaded = load_examples(cfg.data, "sft", cfg.seed)
         d = cfg.data
