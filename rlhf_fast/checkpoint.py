@@ -88,6 +88,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     return found[-1]
 
 
+def resume_latest(run_dir: str | Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> tuple[dict, Path]:
+    """Load ``run_dir``'s latest checkpoint in place and restore the RNG states it saved.
+
+    Returns (its state.json dict, for the trainer's own counters; its path). Raises UserError if there is none.
+    """
+    path = latest_checkpoint(run_dir)
+    state, rng = load_checkpoint(path, modules, optimizer, scheduler)
+    set_rng_state(rng)
+    return state, path
+
+
 def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> tuple[dict, dict]:
     """Load weights and optimizer state in place; returns (state.json dict, rng state) for the caller to apply."""
     path = Path(path)

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..checkpoint import StopRequest, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..config import Config, load_config, resume_config_path, save_config
+from ..checkpoint import StopRequest, resume_latest, rng_state, save_checkpoint, set_rng_state
+from ..config import Config, load_config, resume_config_path
 from ..data import PromptSampler, load_prompts
 from ..errors import UserError
 from ..models import (add_lora, attn_implementation, backbone, build_critic, frozen_copy, hidden_states, lm_head, load_causal_lm,
@@ -130,15 +130,11 @@ class PPOTrainer:
 
         resume_iteration = None
         if resume is not None:
-            ckpt = latest_checkpoint(self.run_dir)
-            state, rng = load_checkpoint(ckpt, self._trainable_modules(), self.optimizer, self.scheduler)
+            state, ckpt = resume_latest(self.run_dir, self._trainable_modules(), self.optimizer, self.scheduler)
             self._load_state(state)
-            set_rng_state(rng)
             resume_iteration = self.iteration
             print(f"resumed from {ckpt} (iteration {self.iteration})", flush=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        self.tracker = Tracker(self.run_dir, resume_iteration)
+        self.tracker = Tracker(self.run_dir, resume_iteration, config=cfg)
 
     @classmethod
     def from_cli(cls, config_path: str | None, overrides: list[str], resume: str | None) -> "PPOTrainer":

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from ..config import apply_override, parse_overrides, read_yaml, resume_config_path, save_config
+from ..checkpoint import StopRequest, resume_latest, save_checkpoint
+from ..config import apply_override, parse_overrides, read_yaml, resume_config_path
 from ..data import PromptSampler
 from ..errors import UserError
 from ..preference_data import Messages
@@ -240,19 +240,15 @@ class StageTrainer:
         self.step, self.skipped_steps, self.evaluated_initial = 0, 0, False
         resume_step = None
         if resume is not None:
-            ckpt = latest_checkpoint(self.run_dir)
-            state, rng = load_checkpoint(ckpt, self.modules, self.optimizer, self.scheduler)
+            state, ckpt = resume_latest(self.run_dir, self.modules, self.optimizer, self.scheduler)
             self.step, self.skipped_steps = int(state["iteration"]), int(state["skipped_steps"])
             self.evaluated_initial = bool(state["evaluated_initial"])
             self.sampler.load_state_dict(state["sampler"])
-            set_rng_state(rng)
             resume_step = self.step
             print(f"resumed from {ckpt} (step {self.step})", flush=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
         from ..tracking import Tracker
 
-        self.tracker = Tracker(self.run_dir, resume_step)
+        self.tracker = Tracker(self.run_dir, resume_step, config=cfg)
 
     @classmethod
     def from_cli(cls, config_path: str | None, overrides: list[str], resume: str | None):
