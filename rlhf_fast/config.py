@@ -119,17 +119,25 @@ class EvalConfig:
 
 
 @dataclass
-class Config:
-    output_dir: str = "runs/ppo"
+class RunConfig:
+    """The run fields every trainer's config has (PPO here; SFT, DPO and RM in rlhf_fast.trainers)."""
+
+    output_dir: str = "runs/run"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
-    kernels: str = "fused"  # fused: rlhf_fast.ops; eager: naive full-logits PyTorch (rlhf_fast.ops.reference)
-    save_every: int = 10  # iterations between checkpoints (the last one is always saved)
+    save_every: int = 100  # PPO iterations / optimizer steps between checkpoints (the last one is always saved)
     keep_checkpoints: int = 2
-    save_final_model: bool = True  # also write the policy with save_pretrained to output_dir/final
-    num_samples_logged: int = 4  # sample generations per iteration in samples.jsonl
+    save_final_model: bool = True  # the trained model (a LoRA run: its adapter) + tokenizer in output_dir/final
     progress_bar: bool = True
+
+
+@dataclass
+class Config(RunConfig):
+    output_dir: str = "runs/ppo"
+    save_every: int = 10
+    kernels: str = "fused"  # fused: rlhf_fast.ops; eager: naive full-logits PyTorch (rlhf_fast.ops.reference)
+    num_samples_logged: int = 4  # sample generations per iteration in samples.jsonl
     model: ModelConfig = field(default_factory=ModelConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RunConfig
 from ..errors import UserError
 from ..models import backbone, lm_head, maybe_compile, unwrap
 from ..preference_data import load_examples, with_system_prompt
@@ -67,16 +67,9 @@ class DPOSection:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RunConfig):
     output_dir: str = "runs/dpo"
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
     kernels: str = "fused"
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    save_final_model: bool = True
-    progress_bar: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: StageDataConfig = field(default_factory=StageDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7, lr_schedule="linear"))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config import RunConfig
 from ..errors import UserError
 from ..models import attn_implementation, backbone, hidden_states, load_tokenizer, resolve_model_path
 from ..preference_data import Messages, Preference, load_examples, parse_preference, read_splits, with_system_prompt
@@ -61,15 +62,9 @@ class RMLossConfig:
 
 
 @dataclass
-class RMConfig:
+class RMConfig(RunConfig):
     output_dir: str = "runs/rm"
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    save_final_model: bool = True  # the 1-label AutoModelForSequenceClassification + tokenizer in output_dir/final
-    progress_bar: bool = True
+    # save_final_model: the 1-label AutoModelForSequenceClassification + tokenizer in output_dir/final
     calibration_bins: int = 10
     model: RMModelConfig = field(default_factory=RMModelConfig)
     data: StageDataConfig = field(default_factory=lambda: StageDataConfig(max_length=1024))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RunConfig
 from ..models import backbone, lm_head, maybe_compile, unwrap
 from ..preference_data import load_examples, with_system_prompt
 from .backend import get_backend
@@ -30,16 +30,9 @@ class SFTDataConfig(StageDataConfig):
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
     output_dir: str = "runs/sft"
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
     kernels: str = "fused"  # fused: rlhf_fast.ops.linear_logprobs; eager: full logits (rlhf_fast.ops.reference)
-    save_every: int = 100  # optimizer steps between checkpoints (the last one is always saved)
-    keep_checkpoints: int = 2
-    save_final_model: bool = True  # the model (or LoRA adapter) + tokenizer in output_dir/final
-    progress_bar: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
