@@ -194,6 +194,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if get_base is not None else model
 
 
+def bf16_enabled(flag: str, device: torch.device) -> bool:
+    """``model.bf16``: true, false, or auto (on a CUDA device that supports bf16)."""
+    return flag == "true" or (flag == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """RLHF losses compare log-probs (or rewards) of one deterministic function: no dropout noise."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def enable_gradient_checkpointing(model: nn.Module, lora: bool) -> None:
+    """Activation checkpointing on ``model`` (under either of the names transformers has given the method); with
+    LoRA the embedding outputs must require grad, or the checkpointed blocks see no input needing gradients."""
+    inner = unwrap(model)
+    (getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable)()
+    if lora:
+        inner.enable_input_require_grads()
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (``LlamaForCausalLM.model`` and the like)."""
     inner = unwrap(model)

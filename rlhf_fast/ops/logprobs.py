@@ -1,7 +1,6 @@
 """Token log-probs (and entropy) straight from hidden states and the LM-head weight."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from . import _checks, _torch

@@ -24,11 +24,11 @@ from torch import Tensor
 
 from ..config import ModelConfig, RunConfig
 from ..errors import UserError
-from ..models import backbone, lm_head, maybe_compile, unwrap
+from ..models import backbone, disable_dropout, lm_head, maybe_compile, unwrap
 from ..preference_data import load_examples, with_system_prompt
 from .backend import get_backend
-from .stage import (StageDataConfig, StageTrainer, TrainConfig, batch_tensors, choice, disable_dropout, encode_conversation,
-                    load_policy, report_data, token_logprobs, validate_common)
+from .stage import (StageDataConfig, StageTrainer, TrainConfig, batch_tensors, choice, encode_conversation, load_policy,
+                    report_data, token_logprobs, validate_common)
 
 LOSS_TYPES = ("sigmoid", "ipo")
 

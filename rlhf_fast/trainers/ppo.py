@@ -28,8 +28,9 @@ from ..checkpoint import StopRequest, resume_latest, rng_state, save_checkpoint,
 from ..config import Config, load_config, resume_config_path
 from ..data import PromptSampler, load_prompts
 from ..errors import UserError
-from ..models import (add_lora, attn_implementation, backbone, build_critic, frozen_copy, hidden_states, lm_head, load_causal_lm,
-                      load_tokenizer, maybe_compile, resolve_model_path, train_top_layers, unwrap)
+from ..models import (add_lora, attn_implementation, backbone, bf16_enabled, build_critic, disable_dropout, enable_gradient_checkpointing,
+                      frozen_copy, hidden_states, lm_head, load_causal_lm, load_tokenizer, maybe_compile, resolve_model_path,
+                      train_top_layers, unwrap)
 from ..rewards import CombinedReward
 from ..rollout import Rollout, RunningMoments, generate, token_rewards
 from ..tracking import Tracker
@@ -78,17 +79,17 @@ class PPOTrainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.backend = get_backend(cfg.kernels)
-        self.bf16 = cfg.model.bf16 == "true" or (cfg.model.bf16 == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.bf16 = bf16_enabled(cfg.model.bf16, self.device)
 
         # Models: policy, reference (a frozen copy, or the LoRA policy with adapters off), critic, rewards.
         path = resolve_model_path(cfg.model.policy, "model.policy")
         self.tokenizer = load_tokenizer(path)
         self.reward_fn = CombinedReward(cfg.reward.sources, self.device, cfg.reward.batch_size)
         policy = load_causal_lm(path, attn_implementation(cfg.model.attn_implementation, self.device, self.bf16), self.device)
-        _disable_dropout(policy)
+        disable_dropout(policy)
         self.data = load_prompts(cfg.data, self.tokenizer, cfg.generation.max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
         self.critic = build_critic(policy, cfg.critic, self.tokenizer, self.reward_fn.reward_model_path, self.device)
-        _disable_dropout(self.critic)
+        disable_dropout(self.critic)
         if cfg.model.lora.enabled:
             self.ref = None
             policy = add_lora(policy, cfg.model.lora)
@@ -98,10 +99,7 @@ class PPOTrainer:
                 train_top_layers(policy, cfg.model.trainable_layers)
         self.policy = policy
         if cfg.model.gradient_checkpointing:
-            inner = unwrap(policy)  # transformers renamed the method; keep both spellings working
-            (getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable)()
-            if cfg.model.lora.enabled:
-                unwrap(policy).enable_input_require_grads()
+            enable_gradient_checkpointing(policy, cfg.model.lora.enabled)
         weight, bias = lm_head(policy)
         if bias is not None:
             raise UserError("model.policy: LM heads with a bias are not supported")
@@ -251,6 +249,7 @@ class PPOTrainer:
         params = self.policy_params + self.critic_params
         sums, total_w = {}, 0.0
         grad_norms = []
+        mask = ro.response_mask.cpu()  # micro-batch weights index it with CPU permutations: copied once per update
         self.policy.train()
         self.critic.train()
         for _ in range(p.ppo_epochs):
@@ -259,7 +258,7 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 finite = True
                 for micro in _chunks(minibatch, p.micro_batch_size):
-                    w = self._micro_weight(micro, minibatch, ro.response_mask.cpu())
+                    w = self._micro_weight(micro, minibatch, mask)
                     loss, stats = self.compute_loss(ro.select(micro))
                     if not bool(torch.isfinite(loss)):
                         finite = False
@@ -451,12 +450,6 @@ class PPOTrainer:
         self.tokenizer.save_pretrained(out)
         return out
 
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    """RLHF trains without dropout: old and new log-probs must come from the same deterministic function."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
 
 
 def _eos_ids(tokenizer, model) -> list[int]:

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..errors import UserError
-from ..models import attn_implementation, backbone, hidden_states, load_tokenizer, resolve_model_path
+from ..models import (attn_implementation, backbone, disable_dropout, enable_gradient_checkpointing, hidden_states, load_tokenizer,
+                      resolve_model_path)
 from ..preference_data import Messages, Preference, load_examples, parse_preference, read_splits, with_system_prompt
 from ..rm_losses import LOSSES, centering_penalty, ranking_loss
 from ..rm_metrics import evaluate_rewards, pair_arrays, plot_reliability, preference_accuracy, scalars
@@ -254,11 +255,9 @@ class RewardModelTrainer(StageTrainer):
         self.pad_id = self.tokenizer.pad_token_id
         self.model = load_classifier(path, len(m.heads), attn_implementation(m.attn_implementation, self.device, self.bf16), self.device)
         self.model.config.pad_token_id = self.pad_id
-        for mod in self.model.modules():  # a reward is a deterministic function of the text
-            if isinstance(mod, nn.Dropout):
-                mod.p = 0.0
+        disable_dropout(self.model)  # a reward is a deterministic function of the text
         if m.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(self.model, lora=False)
         freeze_for(self.model, m.train_layers)
         self.modules = {"model": self.model}
         self.head_names = [h.name for h in m.heads]

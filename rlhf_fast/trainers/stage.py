@@ -278,8 +278,9 @@ class StageTrainer:
 
     @property
     def bf16(self) -> bool:
-        flag = getattr(getattr(self.cfg, "model", None), "bf16", "false")
-        return flag == "true" or (flag == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        from ..models import bf16_enabled
+
+        return bf16_enabled(getattr(getattr(self.cfg, "model", None), "bf16", "false"), self.device)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
@@ -378,24 +379,15 @@ def report_data(name: str, loaded, n_train: int, n_eval: int, dropped_long: int,
 def load_policy(model_cfg, device: torch.device, bf16: bool):
     """(tokenizer, causal LM) of ``model.policy`` (``rlhf_fast.config.ModelConfig``: LoRA, gradient checkpointing);
     ``bf16``: whether it runs under bf16 autocast (see ``attn_implementation``)."""
-    from ..models import add_lora, attn_implementation, lm_head, load_causal_lm, load_tokenizer, resolve_model_path, unwrap
+    from ..models import add_lora, attn_implementation, enable_gradient_checkpointing, lm_head, load_causal_lm, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(model_cfg.policy, "model.policy")
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, attn_implementation(model_cfg.attn_implementation, device, bf16), device)
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     if model_cfg.lora.enabled:
         model = add_lora(model, model_cfg.lora)
-        if model_cfg.gradient_checkpointing:
-            unwrap(model).enable_input_require_grads()
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, model_cfg.lora.enabled)
     if lm_head(model)[1] is not None:
         raise UserError("model.policy: LM heads with a bias are not supported")
     return tokenizer, model
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Preference losses compare log-probs of the same function: no dropout noise (as the PPO trainer)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
