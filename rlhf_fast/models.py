@@ -194,6 +194,22 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if get_base is not None else model
 
 
+def eos_ids(tokenizer, model, what: str = "model.policy") -> list[int]:
+    """Token ids that end a response: the tokenizer's EOS and the model's generation-config EOS (int or list).
+
+    Raises UserError naming ``what`` when there is none.
+    """
+    ids = set()
+    for v in (tokenizer.eos_token_id, getattr(unwrap(model).generation_config, "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    if not ids:
+        raise UserError(f"{what}: the tokenizer has no EOS token, so responses could not end")
+    return sorted(ids)
+
+
 def bf16_enabled(flag: str, device: torch.device) -> bool:
     """``model.bf16``: true, false, or auto (on a CUDA device that supports bf16)."""
     return flag == "true" or (flag == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())

@@ -110,15 +110,6 @@ class PipelineConfig:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def eos_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id} if isinstance(tokenizer.eos_token_id, int) else set()
-    gen = getattr(model.generation_config, "eos_token_id", None)
-    ids.update([gen] if isinstance(gen, int) else list(gen or []))
-    if not ids:
-        raise UserError("policy: the tokenizer has no EOS token, so responses could not end")
-    return sorted(ids)
-
-
 def split_prompt_rows(spec: str, eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows) of a prompt file: its split column when it has eval rows, else a seeded fraction."""
     rows = read_rows(spec)
@@ -191,11 +182,12 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, policy, tokenizer, prompts, seed: int, batch_size: int, autocast=None) -> list[str]:
         """Responses to ``prompts``; ``autocast``: the context ``policy`` runs in (the PPO trainer's, for its policy)."""
+        from .models import eos_ids
         from .rollout import generate
 
         torch.manual_seed(seed)
         out = []
-        eos = eos_ids(tokenizer, policy)
+        eos = eos_ids(tokenizer, policy, "policy")
         for s in range(0, len(prompts), batch_size):
             ro = generate(policy, tokenizer, prompts[s:s + batch_size], self.cfg.ppo.generation, eos, self.device,
                           autocast or _no_autocast)

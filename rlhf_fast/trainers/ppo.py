@@ -28,7 +28,7 @@ from ..checkpoint import StopRequest, resume_latest, rng_state, save_checkpoint,
 from ..config import Config, load_config, resume_config_path
 from ..data import PromptSampler, load_prompts
 from ..errors import UserError
-from ..models import (add_lora, attn_implementation, backbone, bf16_enabled, build_critic, disable_dropout, enable_gradient_checkpointing,
+from ..models import (add_lora, attn_implementation, backbone, bf16_enabled, build_critic, disable_dropout, enable_gradient_checkpointing, eos_ids,
                       frozen_copy, hidden_states, lm_head, load_causal_lm, load_tokenizer, maybe_compile, resolve_model_path,
                       train_top_layers, unwrap)
 from ..rewards import CombinedReward
@@ -103,7 +103,7 @@ class PPOTrainer:
         weight, bias = lm_head(policy)
         if bias is not None:
             raise UserError("model.policy: LM heads with a bias are not supported")
-        self.eos_ids = _eos_ids(self.tokenizer, policy)
+        self.eos_ids = eos_ids(self.tokenizer, policy)
         flag = cfg.model.compile
         self.policy_body = maybe_compile(backbone(policy), flag, self.device)
         self.ref_body = maybe_compile(backbone(self.ref), flag, self.device) if self.ref is not None else self.policy_body
@@ -452,13 +452,3 @@ class PPOTrainer:
 
 
 
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = set()
-    for v in (tokenizer.eos_token_id, getattr(unwrap(model).generation_config, "eos_token_id", None)):
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, (list, tuple)):
-            ids.update(int(x) for x in v)
-    if not ids:
-        raise UserError("model.policy: the tokenizer has no EOS token, so responses could not end")
-    return sorted(ids)
