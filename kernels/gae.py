@@ -139,6 +139,8 @@ def _plan(b: int, t: int, device: torch.device, block_b: int | None = None) -> t
         block_t = min(1024, max(16, triton.next_power_of_2(t)))
         max_b = 2048 // block_t
     sms = num_sms(device)
+    if block_b is not None and (block_b < 1 or block_b & (block_b - 1)):
+        raise ValueError(f"block_b: rows per program must be a power of 2, got {block_b}")
     if block_b is None:
         block_b = max(1, min(triton.next_power_of_2(b), max_b))
         while block_b > 1 and triton.cdiv(b, block_b) < sms:

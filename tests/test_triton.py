@@ -336,6 +336,9 @@ def test_gae_plan_fills_the_gpu_with_rows_before_splitting_time(monkeypatch):
     assert G._plan(64, 4096, cuda) == (1, 1024, 1024, 4)  # 64 rows: time split in 4 (256 programs)
     assert G._plan(256, 4096, cuda, block_b=2) == (2, 1024, 2048, 2)  # the earlier plan, kept for comparison
     assert G._plan(4096, 64, cuda) == (16, 64, 64, 1)  # short rows: 16 per program still gives 256 programs
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="block_b"):
+            G._plan(256, 4096, cuda, block_b=bad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
