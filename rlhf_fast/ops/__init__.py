@@ -5,6 +5,8 @@ Usable on their own with torch (+ triton): nothing here imports the trainer's de
 """
 from . import reference
 from ._backend import available_backends
+from .advantages import outcome_advantages, reinforce_pp_advantages
+from .fisher import linear_fisher_product
 from .gae import gae
 from .kl import kl_penalty, linear_kl
 from .logprobs import linear_logprobs
@@ -15,12 +17,15 @@ __all__ = [
     "available_backends",
     "gae",
     "kl_penalty",
+    "linear_fisher_product",
     "linear_kl",
     "linear_logprobs",
     "linear_ppo_loss",
     "masked_mean",
     "masked_whiten",
+    "outcome_advantages",
     "ppo_policy_loss",
     "ppo_value_loss",
     "reference",
+    "reinforce_pp_advantages",
 ]
