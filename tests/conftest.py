@@ -46,13 +46,15 @@ def f64(t):
     return None if t is None else t.detach().double().cpu().requires_grad_()
 
 
-def composed_ppo_loss(lp, ent, old, adv, mask, *, entropy_coef, ref, kl_coef, kl_estimator, loss_agg, **clip):
-    """What linear_ppo_loss must equal: ppo_policy_loss - entropy bonus + KL penalty, each aggregated as loss_agg."""
-    loss, _ = ops.ppo_policy_loss(lp, old, adv, mask, loss_agg=loss_agg, **clip)
-    w = agg_weights(mask, loss_agg).to(lp.dtype)
+def composed_ppo_loss(lp, ent, old, adv, mask, *, entropy_coef, ref, kl_coef, kl_estimator, loss_agg, kl_log_ratio_clip=20.0, **kw):
+    """What linear_ppo_loss must equal: ppo_policy_loss (without its KL) - entropy bonus + KL penalty, each aggregated
+    as loss_agg. ``kw``: ppo_policy_loss's clip / variant keywords (loss_norm_length also sets the bonus' weights)."""
+    loss, _ = ops.ppo_policy_loss(lp, old, adv, mask, loss_agg=loss_agg, **kw)
+    w = agg_weights(mask, loss_agg, lp.dtype, loss_norm_length=kw.get("loss_norm_length"))
     loss = loss - entropy_coef * (torch.where(mask, ent, 0) * w).sum()
     if kl_coef:
-        loss = loss + kl_coef * (torch.where(mask, ops.kl_penalty(lp, ref, kl_estimator), 0) * w).sum()
+        kl = ops.kl_penalty(lp, ref, kl_estimator, log_ratio_clip=kl_log_ratio_clip)
+        loss = loss + kl_coef * (torch.where(mask, kl, 0) * w).sum()
     return loss
 
 

@@ -12,15 +12,22 @@ from .logprobs import _chunk_size
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1", *, log_ratio_clip: float | None = None) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs (Schulman 2020, "Approximating KL divergence").
 
     With log r = ref_logprobs - logprobs: "k1" = -log r (unbiased), "k2" = (log r)^2 / 2 (low variance, biased),
     "k3" = (r - 1) - log r (unbiased, always >= 0), "abs" = |log r|.
 
+    k3 is unbounded: expm1(39) - 39 ~ 8.7e16. ``log_ratio_clip=c`` clamps log r to [-c, c] before the estimator
+    (verl's "low_var_kl" clamps to +-20). Within the clamp the value is exactly the unclamped one; beyond it the
+    value is that at +-c and the gradient w.r.t. logprobs is 0 (such a token gets no pull towards pi_ref).
+    verl also clamps the k3 value to [-10, 10]; that is not done here: it would zero the gradient from
+    log r ~ 2.6 on, well inside the range where the penalty must act.
+
     Args:
         logprobs, ref_logprobs: float tensors of one shape [...] (nats), same device.
         estimator: one of "k1", "k2", "k3", "abs".
+        log_ratio_clip: None (no clamp) or a finite number > 0 (nats).
     Returns:
         [...] tensor of the inputs' (promoted) dtype, nats. Differentiable.
     Raises:
@@ -31,7 +38,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     _checks.same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
     _checks.same_device("ref_logprobs", ref_logprobs, "logprobs", logprobs)
     _checks.choice("estimator", estimator, KL_ESTIMATORS)
+    clip = _checks.positive("log_ratio_clip", log_ratio_clip, allow_none=True)
     log_r = ref_logprobs - logprobs
+    if clip is not None:
+        log_r = log_r.clamp(-clip, clip)
     if estimator == "k1":
         return -log_r
     if estimator == "k2":

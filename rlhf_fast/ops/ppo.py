@@ -1,5 +1,9 @@
-"""PPO clipped losses (Schulman et al. 2017), with dual-clip (Ye et al. 2020) and asymmetric clipping."""
+"""PPO clipped losses (Schulman et al. 2017), with dual-clip (Ye et al. 2020) and asymmetric clipping, and the
+policy-gradient relatives that share their loop: CISPO, SAPO, GSPO's sequence ratio, Dr.GRPO's aggregation."""
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -8,23 +12,30 @@ from . import _checks, _torch
 from ._backend import resolve
 from ._rows import ValidRows
 from .kl import KL_ESTIMATORS, kl_penalty
-from .logprobs import _chunk_size
+from .logprobs import _chunk_size, linear_logprobs
 from .masked import masked_mean
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+POLICY_LOSSES = ("ppo_clip", "cispo", "sapo")
+IMPORTANCE_RATIOS = ("token", "sequence")
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: beyond any real ratio, and keeps -A * ratio finite (no 0 * inf = NaN)
 _LOSS_DTYPES = (torch.float32, torch.float64)
 
 
-def agg_weights(mask: Tensor, loss_agg: str, dtype: torch.dtype = torch.float32) -> Tensor:
+def agg_weights(mask: Tensor, loss_agg: str, dtype: torch.dtype = torch.float32, loss_norm_length: int | None = None) -> Tensor:
     """Per-token weights w with loss = sum(w * per_token_loss) for each ``loss_agg``.
 
     "token-mean": 1 / (number of valid tokens). "seq-mean-token-mean": 1 / (row's valid tokens x rows with any).
-    "seq-mean-token-sum": 1 / (rows with any valid token). Rows are the leading dims, tokens the last one.
+    "seq-mean-token-sum": 1 / (rows with any valid token). "seq-mean-token-sum-norm": 1 / (B x L), B the number
+    of rows (all of them), L = ``loss_norm_length`` or T: a constant, whatever the valid counts (Dr.GRPO).
+    Rows are the leading dims, tokens the last one.
     """
     m = mask.to(dtype)
     if loss_agg == "token-mean":
         return m / m.sum().clamp(min=1)
+    if loss_agg == "seq-mean-token-sum-norm":
+        length = mask.shape[-1] if loss_norm_length is None else loss_norm_length
+        return m / max(math.prod(mask.shape[:-1]) * length, 1)
     per_row = m.sum(-1, keepdim=True)
     rows = (per_row > 0).sum().clamp(min=1)
     if loss_agg == "seq-mean-token-mean":
@@ -43,38 +54,98 @@ def _check_clip(clip_eps, clip_eps_high, dual_clip):
     return lo, (lo if hi is None else hi), c
 
 
-def _check_agg(loss_agg, mask):
+def _check_agg(loss_agg, mask, loss_norm_length=None):
     _checks.choice("loss_agg", loss_agg, LOSS_AGGS)
     if loss_agg != "token-mean" and mask.dim() < 2:
         raise ValueError(f"loss_agg: {loss_agg!r} needs [B, T] inputs (sequences), got shape {tuple(mask.shape)}")
+    if loss_norm_length is not None and (isinstance(loss_norm_length, bool) or not isinstance(loss_norm_length, int) or loss_norm_length < 1):
+        raise ValueError(f"loss_norm_length: expected None or an int >= 1, got {loss_norm_length!r}")
 
 
-def policy_token_loss(logprobs, old_logprobs, advantages, clip_lo, clip_hi, dual_clip):
-    """Per-token clipped surrogate; returns (loss, ratio, log_ratio, clipped, dual_clipped)."""
-    log_ratio = (logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+class PolicyLossConfig(NamedTuple):
+    """The validated surrogate settings shared by the per-token loss, the stats and the fused callback."""
+
+    kind: str  # "ppo_clip" | "cispo" | "sapo"
+    importance_ratio: str  # "token" | "sequence"
+    clip_lo: float
+    clip_hi: float
+    dual_clip: float | None
+    tau_pos: float
+    tau_neg: float
+
+
+def _check_policy(policy_loss, importance_ratio, clip_eps, clip_eps_high, dual_clip, sapo_tau_pos, sapo_tau_neg, mask) -> PolicyLossConfig:
+    _checks.choice("policy_loss", policy_loss, POLICY_LOSSES)
+    _checks.choice("importance_ratio", importance_ratio, IMPORTANCE_RATIOS)
+    lo, hi, c = _check_clip(clip_eps, clip_eps_high, dual_clip)
+    if c is not None and policy_loss != "ppo_clip":
+        raise ValueError(f"dual_clip: only for policy_loss='ppo_clip' (cispo's weight is clipped already, sapo has no "
+                         f"clip), got policy_loss={policy_loss!r}")
+    tau_pos = _checks.positive("sapo_tau_pos", sapo_tau_pos)
+    tau_neg = _checks.positive("sapo_tau_neg", sapo_tau_neg)
+    if importance_ratio == "sequence" and mask.dim() < 2:
+        raise ValueError(f"importance_ratio: 'sequence' needs [B, T] inputs (sequences), got shape {tuple(mask.shape)}")
+    return PolicyLossConfig(policy_loss, importance_ratio, lo, hi, c, tau_pos, tau_neg)
+
+
+def _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, ref_name, ref, response_mask):
+    kl_coef = _checks.in_range("kl_coef", kl_coef, 0.0, float("inf"))
+    _checks.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    clip = _checks.positive("kl_log_ratio_clip", kl_log_ratio_clip, allow_none=True)
+    if kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("ref_logprobs: required when kl_coef > 0")
+        _check_token_tensors(ref_name, ref, response_mask, ref_logprobs=ref_logprobs)
+    return kl_coef, clip
+
+
+def importance_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, importance_ratio: str) -> Tensor:
+    """log of the importance ratio at each token, clamped to +-20: per token, or the row's (GSPO) repeated."""
+    token = logprobs - old_logprobs
+    if importance_ratio == "token":
+        return token.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    # GSPO eq. 7: log s_i = mean over the row's valid tokens of the token log-ratios (where: no 0 * inf from holes)
+    seq = torch.where(mask, token, 0).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return seq.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).expand_as(token)
+
+
+def policy_token_loss(logprobs: Tensor, log_ratio: Tensor, advantages: Tensor, cfg: PolicyLossConfig):
+    """Per-token surrogate loss; returns (loss, ratio, clipped, dual_clipped). Depends on token t's values only."""
     ratio = torch.exp(log_ratio)
+    none = torch.zeros_like(ratio, dtype=torch.bool)
+    if cfg.kind == "cispo":
+        weight = ratio.clamp(1.0 - cfg.clip_lo, 1.0 + cfg.clip_hi)
+        # stop-gradient on the weight: every token keeps its REINFORCE gradient -w A dlogp, clipped or not
+        return -weight.detach() * advantages * logprobs, ratio, weight != ratio, none
+    if cfg.kind == "sapo":
+        tau = torch.full_like(advantages, cfg.tau_neg).masked_fill(advantages > 0, cfg.tau_pos)
+        return -advantages * torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau), ratio, none, none
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_lo, 1.0 + clip_hi)
+    clipped = -advantages * ratio.clamp(1.0 - cfg.clip_lo, 1.0 + cfg.clip_hi)
     loss = torch.maximum(unclipped, clipped)
     is_clipped = clipped > unclipped
-    is_dual = torch.zeros_like(is_clipped)
-    if dual_clip is not None:
-        bound = -advantages * dual_clip
+    is_dual = none
+    if cfg.dual_clip is not None:
+        bound = -advantages * cfg.dual_clip
         is_dual = (advantages < 0) & (loss > bound)
         loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
-    return loss, ratio, log_ratio, is_clipped, is_dual
+    return loss, ratio, is_clipped, is_dual
 
 
-def _policy_stats(ratio, log_ratio, is_clipped, is_dual, mask, dual_clip) -> dict[str, Tensor]:
+def _policy_stats(logprobs, old_logprobs, advantages, mask, cfg: PolicyLossConfig) -> dict[str, Tensor]:
     with torch.no_grad():
+        log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, cfg.importance_ratio)
+        _, ratio, is_clipped, is_dual = policy_token_loss(logprobs, log_ratio, advantages, cfg)
+        token_log_ratio = (logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
         ratio_max = torch.where(mask, ratio, float("-inf")).max() if ratio.numel() else ratio.new_zeros(())
         stats = {
             "clipfrac": masked_mean(is_clipped.float(), mask),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),  # k3 of KL(old || new), samples from old
+            # k3 of KL(old || new) per token, samples from old (whatever the ratio level of the loss)
+            "approx_kl": masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": torch.where(mask.any(), ratio_max, 0.0),
         }
-        if dual_clip is not None:
+        if cfg.dual_clip is not None:
             stats["dual_clipfrac"] = masked_mean(is_dual.float(), mask)
     return stats
 
@@ -98,31 +169,79 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     loss_agg: str = "token-mean",
+    policy_loss: str = "ppo_clip",
+    importance_ratio: str = "token",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    loss_norm_length: int | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    kl_log_ratio_clip: float | None = 20.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), negated for minimisation.
+    """Policy-gradient surrogate loss (PPO and relatives), negated for minimisation, plus an optional in-loss KL.
 
-    ratio = exp(logprobs - old_logprobs) (log-ratio clamped to +-20 so that no 0 * inf NaN arises);
-    per-token loss = max(-A ratio, -A clip(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)))
-    (asymmetric "clip-higher" as in DAPO, Yu et al. 2025); with ``dual_clip=c`` (c > 1) tokens with A < 0 take
-    min(that, -A c) (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL").
+    Importance ratio r: ``importance_ratio="token"``: r_t = exp(logprobs_t - old_logprobs_t); "sequence" (GSPO,
+    Zheng et al. 2025, eq. 7): s_i = exp(mean over row i's valid tokens of (logprobs - old_logprobs)), used at
+    every token of the row (as TRL's and Liger-Kernel's importance_sampling_level="sequence"). Log-ratios are
+    clamped to +-20 so that no 0 * inf NaN arises. Per-token loss with advantage A:
+
+    - "ppo_clip" (Schulman et al. 2017, eq. 7): max(-A r, -A clip(r, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)))
+      (asymmetric "clip-higher" as in DAPO, Yu et al. 2025); with ``dual_clip=c`` (c > 1) tokens with A < 0 take
+      min(that, -A c) (Ye et al. 2020). With "sequence" and A constant over each row, loss_agg="seq-mean-token-mean"
+      gives GSPO's objective (eq. 5) exactly.
+    - "cispo" (MiniMax-M1 report, Chen et al. 2025, eq. 4-5): -sg(clip(r, 1 - clip_eps, 1 + (clip_eps_high or
+      clip_eps))) A logprobs: the clipped weight carries no gradient, so clipped tokens keep the gradient
+      -w A dlogp instead of none. Bounds as verl's (both sides); the paper sets no lower bound (clip_eps=1.0 does
+      that), and TRL's cap ``epsilon_high`` (an absolute weight, e.g. 5.0) is clip_eps_high = cap - 1. The value
+      is a surrogate (its size follows logprobs); only its gradient means something.
+    - "sapo" (Gao et al. 2025, "Soft Adaptive Policy Optimization", the J_SAPO objective): -A f(r) with the gate
+      f(r) = sigmoid(tau (r - 1)) 4 / tau, tau = sapo_tau_pos where A > 0 else sapo_tau_neg (TRL's defaults
+      1.0 / 1.05). df/dr = 4 sigmoid (1 - sigmoid) is 1 at r = 1: on-policy the gradient is the unclipped one.
+
+    KL: with ``kl_coef > 0`` adds kl_coef * kl_penalty(logprobs, ref_logprobs, kl_estimator,
+    log_ratio_clip=kl_log_ratio_clip) per token (GRPO's KL in the loss), aggregated like the rest. The clamp is on
+    by default (+-20 nats): k3 is unbounded otherwise; beyond it the KL gradient is 0.
 
     Args:
-        logprobs, old_logprobs, advantages: [B, T] (or any shape for "token-mean") float32/float64, nats.
+        logprobs, old_logprobs, advantages: [B, T] (or any shape for "token-mean" with importance_ratio="token")
+            float32/float64, nats. ref_logprobs: same (required when kl_coef > 0).
         response_mask: bool or 0/1, same shape. loss_agg: "token-mean" (sum over valid tokens / their count),
             "seq-mean-token-mean" (mean over rows with a valid token of each row's token mean),
-            "seq-mean-token-sum" (mean over those rows of each row's token sum).
+            "seq-mean-token-sum" (mean over those rows of each row's token sum), "seq-mean-token-sum-norm"
+            (Dr.GRPO, Liu et al. 2025; TRL's loss_type="dr_grpo": sum over all valid tokens / (B x L), B the number
+            of rows, L = loss_norm_length or T = response_mask.shape[-1]: pass the generation's max length so
+            that the constant does not change with the batch). Rows are the leading dims.
+        policy_loss: "ppo_clip" | "cispo" | "sapo". importance_ratio: "token" | "sequence".
+        clip_eps, clip_eps_high: > 0 (unused by "sapo"). dual_clip: None or > 1, "ppo_clip" only.
+        sapo_tau_pos, sapo_tau_neg: > 0 ("sapo" only). loss_norm_length: None or int >= 1 (used by
+        "seq-mean-token-sum-norm" only). kl_coef >= 0; kl_estimator in k1|k2|k3|abs; kl_log_ratio_clip: None or > 0.
     Returns:
-        (loss 0-d, stats) with stats 0-d detached tensors: clipfrac, approx_kl (k3), ratio_mean, ratio_max
-        (and dual_clipfrac with dual_clip). No host synchronisation. 0 when no token is valid.
+        (loss 0-d, stats) with stats 0-d detached tensors: clipfrac (tokens whose ratio was clipped; for "cispo"
+        whose weight was clipped; always 0 for "sapo", which does not clip), approx_kl (k3 of the per-token
+        ratios), ratio_mean, ratio_max (of the ratio in use: with "sequence" the row's, over its tokens), with
+        dual_clip dual_clipfrac, with kl_coef > 0 kl (masked mean of the clamped estimator). No host
+        synchronisation. 0 when no token is valid.
     Raises:
-        TypeError / ValueError naming the argument (clip_eps <= 0, dual_clip <= 1, unknown loss_agg, ...).
+        TypeError / ValueError naming the argument (clip_eps <= 0, dual_clip <= 1 or with cispo/sapo, unknown
+        policy_loss / importance_ratio / loss_agg, "sequence" or a seq-* loss_agg on 1-D inputs,
+        loss_norm_length < 1, taus <= 0, ref_logprobs missing when kl_coef > 0, ...).
     """
     mask = _check_token_tensors("logprobs", logprobs, response_mask, old_logprobs=old_logprobs, advantages=advantages)
-    lo, hi, c = _check_clip(clip_eps, clip_eps_high, dual_clip)
-    _check_agg(loss_agg, mask)
-    loss_t, ratio, log_ratio, is_clipped, is_dual = policy_token_loss(logprobs, old_logprobs, advantages, lo, hi, c)
-    loss = _aggregate(loss_t, mask, agg_weights(mask, loss_agg, loss_t.dtype))
-    return loss, _policy_stats(ratio, log_ratio, is_clipped, is_dual, mask, c)
+    cfg = _check_policy(policy_loss, importance_ratio, clip_eps, clip_eps_high, dual_clip, sapo_tau_pos, sapo_tau_neg, mask)
+    _check_agg(loss_agg, mask, loss_norm_length)
+    kl_coef, kl_clip = _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, "logprobs", logprobs, response_mask)
+    log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, importance_ratio)
+    loss_t = policy_token_loss(logprobs, log_ratio, advantages, cfg)[0]
+    if kl_coef > 0:
+        # masked positions get log r = 0: garbage there cannot become inf * 0 = NaN in the gradient
+        kl_t = kl_penalty(logprobs, torch.where(mask, ref_logprobs, logprobs.detach()), kl_estimator, log_ratio_clip=kl_clip)
+        loss_t = loss_t + kl_coef * kl_t
+    loss = _aggregate(loss_t, mask, agg_weights(mask, loss_agg, loss_t.dtype, loss_norm_length))
+    stats = _policy_stats(logprobs.detach(), old_logprobs, advantages, mask, cfg)
+    if kl_coef > 0:
+        stats["kl"] = masked_mean(kl_t.detach(), mask)
+    return loss, stats
 
 
 def ppo_value_loss(
@@ -133,12 +252,13 @@ def ppo_value_loss(
     *,
     clip_eps: float = 0.2,
     loss_agg: str = "token-mean",
+    loss_norm_length: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss: 1/2 max((V - R)^2, (old_V + clip(V - old_V, -eps, eps) - R)^2) (as in OpenAI's PPO2 baselines).
 
     Args:
-        values, old_values, returns: same-shape float32/float64; response_mask: bool or 0/1; loss_agg as in
-        :func:`ppo_policy_loss`.
+        values, old_values, returns: same-shape float32/float64; response_mask: bool or 0/1; loss_agg and
+        loss_norm_length as in :func:`ppo_policy_loss`.
     Returns:
         (loss 0-d, {"vf_clipfrac": fraction of valid tokens where the clipped term is the larger}).
     Raises:
@@ -146,11 +266,11 @@ def ppo_value_loss(
     """
     mask = _check_token_tensors("values", values, response_mask, old_values=old_values, returns=returns)
     eps = _checks.positive("clip_eps", clip_eps)
-    _check_agg(loss_agg, mask)
+    _check_agg(loss_agg, mask, loss_norm_length)
     clipped_values = old_values + (values - old_values).clamp(-eps, eps)
     unclipped_err = (values - returns).square()
     clipped_err = (clipped_values - returns).square()
-    loss = _aggregate(0.5 * torch.maximum(unclipped_err, clipped_err), mask, agg_weights(mask, loss_agg, values.dtype))
+    loss = _aggregate(0.5 * torch.maximum(unclipped_err, clipped_err), mask, agg_weights(mask, loss_agg, values.dtype, loss_norm_length))
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask)}
     return loss, stats
@@ -171,32 +291,43 @@ def linear_ppo_loss(
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_log_ratio_clip: float | None = 20.0,
     temperature: float = 1.0,
     loss_agg: str = "token-mean",
+    loss_norm_length: int | None = None,
+    policy_loss: str = "ppo_clip",
+    importance_ratio: str = "token",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Single-pass PPO policy loss straight from hidden states: log-probs, entropy, loss and gradients together.
+    """Single-pass policy loss straight from hidden states: log-probs, entropy, loss and gradients together.
 
     Equals ``ppo_policy_loss(linear_logprobs(hidden, weight, labels, temperature=...), old_logprobs, advantages,
-    response_mask, ...)[0] - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logprobs, ref_logprobs,
-    kl_estimator))`` in value and gradient (agg as ``loss_agg``). Because dloss/dlogprob is known as soon as a
-    chunk's log-probs are, the gradients are formed in the forward pass: forward + backward cost 3 matmul passes
-    over N x H x V instead of 4; backward only scales them.
+    response_mask, ...)[0] - entropy_coef * agg(entropy)`` (with its in-loss KL: + kl_coef * agg(kl_penalty(
+    logprobs, ref_logprobs, kl_estimator, log_ratio_clip=kl_log_ratio_clip))) in value and gradient (agg as
+    ``loss_agg``). With importance_ratio="token" every variant is per-token separable: dloss/dlogprob is known as
+    soon as a chunk's log-probs are, so the gradients are formed in the forward pass: forward + backward cost 3
+    matmul passes over N x H x V instead of 4; backward only scales them. With importance_ratio="sequence" (GSPO)
+    a token's gradient depends on its whole row's ratio, which no single chunk holds: the loss is then computed
+    as ``linear_logprobs`` (autograd, 4 matmul passes: 2 forward, 2 backward) followed by ``ppo_policy_loss``.
 
     Args:
         hidden: [B, T, H] (or [..., H]) float32/bfloat16/float16; weight: [V, H] same dtype.
         labels: hidden's leading shape, int64 in [0, V) or ignore_index; positions outside response_mask are ignored.
-        old_logprobs, advantages (and ref_logprobs when kl_coef != 0): float32/float64, labels' shape.
+        old_logprobs, advantages (and ref_logprobs when kl_coef != 0): float32/float64, labels' shape, nats.
         response_mask: bool or 0/1, labels' shape; every valid position needs a valid label.
-        clip_eps, clip_eps_high, dual_clip, loss_agg: as in :func:`ppo_policy_loss`.
+        clip_eps, clip_eps_high, dual_clip, loss_agg, loss_norm_length, policy_loss, importance_ratio,
+            sapo_tau_pos, sapo_tau_neg, kl_log_ratio_clip: as in :func:`ppo_policy_loss` ("sequence" and the
+            seq-* aggregations need [B, T] inputs).
         entropy_coef: >= 0 weight of the entropy bonus. kl_coef: >= 0 weight of the in-loss KL penalty
             (estimator ``kl_estimator`` in k1|k2|k3|abs against ``ref_logprobs``). temperature: > 0.
         backend: "auto" | "torch" | "triton".
     Returns:
         (loss 0-d differentiable w.r.t. hidden and weight, stats): ppo_policy_loss's stats plus ``entropy`` (0-d
-        masked mean, nats), ``kl`` (0-d masked mean of the estimator, when kl_coef != 0) and the per-token
+        masked mean, nats), ``kl`` (0-d masked mean of the clamped estimator, when kl_coef != 0) and the per-token
         detached ``logprobs`` and ``entropies`` (labels' shape, float32).
     Raises:
         TypeError / ValueError naming the argument; RuntimeError if the backend cannot run here.
@@ -207,35 +338,35 @@ def linear_ppo_loss(
     mask = _check_token_tensors("old_logprobs", old_logprobs, response_mask, advantages=advantages)
     _checks.same_shape("old_logprobs", old_logprobs, "labels", labels)
     _checks.same_device("old_logprobs", old_logprobs, "hidden", hidden)
-    lo, hi, c = _check_clip(clip_eps, clip_eps_high, dual_clip)
-    _check_agg(loss_agg, mask)
+    cfg = _check_policy(policy_loss, importance_ratio, clip_eps, clip_eps_high, dual_clip, sapo_tau_pos, sapo_tau_neg, mask)
+    _check_agg(loss_agg, mask, loss_norm_length)
     temperature = _checks.positive("temperature", temperature)
     entropy_coef = _checks.in_range("entropy_coef", entropy_coef, 0.0, float("inf"))
-    kl_coef = _checks.in_range("kl_coef", kl_coef, 0.0, float("inf"))
-    _checks.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    if kl_coef > 0:
-        if ref_logprobs is None:
-            raise ValueError("ref_logprobs: required when kl_coef > 0")
-        _check_token_tensors("old_logprobs", old_logprobs, response_mask, ref_logprobs=ref_logprobs)
+    kl_coef, kl_clip = _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, "old_logprobs", old_logprobs, response_mask)
     if bool((mask & (labels == ignore_index)).any()):
         raise ValueError("labels: ignore_index at a position where response_mask is true")
     backend = resolve(backend, "linear_ppo_loss", hidden.device, ("torch", "triton"))
+    if importance_ratio == "sequence":
+        return _sequence_ratio_loss(hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef, kl_coef,
+                                    kl_estimator, kl_clip, temperature, loss_agg, loss_norm_length, ignore_index, backend, chunk_size)
 
     shape = labels.shape
     m1 = mask.reshape(-1)
     rows = ValidRows(m1)  # tokens outside the mask cost nothing: the backends see the valid ones only
-    m1, w1 = rows.take(m1), rows.take(agg_weights(mask, loss_agg).reshape(-1))
+    m1, w1 = rows.take(m1), rows.take(agg_weights(mask, loss_agg, loss_norm_length=loss_norm_length).reshape(-1))
     old1, adv1 = rows.take(old_logprobs.reshape(-1).detach()), rows.take(advantages.reshape(-1).detach())
     ref1 = rows.take(ref_logprobs.reshape(-1).detach()) if kl_coef > 0 else None
 
     def token_loss_fn(lp: Tensor, ent: Tensor | None, start: int, end: int) -> Tensor:
         # Per-token separable: token t's term depends on lp[t], ent[t] only (the backends rely on it).
         m = m1[start:end]
-        per_token = policy_token_loss(lp, old1[start:end].float(), adv1[start:end].float(), lo, hi, c)[0]
+        log_ratio = (lp - old1[start:end].float()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        per_token = policy_token_loss(lp, log_ratio, adv1[start:end].float(), cfg)[0]
         if entropy_coef:
             per_token = per_token - entropy_coef * ent
         if kl_coef:
-            per_token = per_token + kl_coef * kl_penalty(lp, ref1[start:end].float(), kl_estimator)
+            ref = torch.where(m, ref1[start:end].float(), lp.detach())  # as ppo_policy_loss: log r = 0 off the mask
+            per_token = per_token + kl_coef * kl_penalty(lp, ref, kl_estimator, log_ratio_clip=kl_clip)
         return (torch.where(m, per_token, 0) * w1[start:end]).sum()
 
     h2 = rows.take(hidden.reshape(-1, hidden.shape[-1]))
@@ -249,10 +380,30 @@ def linear_ppo_loss(
         loss, logprobs, entropy = _torch.fused_linear_loss(h2, weight, l1, None, temperature, ignore_index, token_loss_fn, True, chunk)
     logprobs, entropy = rows.put(logprobs).view(shape), rows.put(entropy).view(shape)
     with torch.no_grad():
-        _, ratio, log_ratio, is_clipped, is_dual = policy_token_loss(logprobs, old_logprobs.float(), advantages.float(), lo, hi, c)
-        stats = _policy_stats(ratio, log_ratio, is_clipped, is_dual, mask, c)
+        stats = _policy_stats(logprobs, old_logprobs.float(), advantages.float(), mask, cfg)
         stats["entropy"] = masked_mean(entropy, mask)
         if kl_coef > 0:
-            stats["kl"] = masked_mean(kl_penalty(logprobs, ref_logprobs.float(), kl_estimator), mask)
+            ref = torch.where(mask, ref_logprobs.float(), logprobs)
+            stats["kl"] = masked_mean(kl_penalty(logprobs, ref, kl_estimator, log_ratio_clip=kl_clip), mask)
         stats["logprobs"], stats["entropies"] = logprobs, entropy
+    return loss, stats
+
+
+def _sequence_ratio_loss(hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef, kl_coef,
+                         kl_estimator, kl_clip, temperature, loss_agg, loss_norm_length, ignore_index, backend, chunk_size):
+    """linear_ppo_loss for importance_ratio="sequence": log-probs by autograd, then the composed loss."""
+    lp, ent = linear_logprobs(hidden, weight, torch.where(mask, labels, ignore_index), temperature=temperature,
+                              ignore_index=ignore_index, return_entropy=True, backend=backend, chunk_size=chunk_size)
+    # float32 throughout, as the single-pass path computes its per-token terms
+    loss, stats = ppo_policy_loss(
+        lp, old_logprobs.detach().float(), advantages.detach().float(), mask, clip_eps=cfg.clip_lo, clip_eps_high=cfg.clip_hi,
+        dual_clip=cfg.dual_clip, loss_agg=loss_agg, policy_loss=cfg.kind, importance_ratio=cfg.importance_ratio,
+        sapo_tau_pos=cfg.tau_pos, sapo_tau_neg=cfg.tau_neg, loss_norm_length=loss_norm_length,
+        ref_logprobs=None if ref_logprobs is None else ref_logprobs.detach().float(), kl_coef=kl_coef,
+        kl_estimator=kl_estimator, kl_log_ratio_clip=kl_clip)
+    if entropy_coef:
+        loss = loss - entropy_coef * _aggregate(ent, mask, agg_weights(mask, loss_agg, ent.dtype, loss_norm_length))
+    with torch.no_grad():
+        stats["entropy"] = masked_mean(ent, mask)
+        stats["logprobs"], stats["entropies"] = lp.detach(), ent.detach()
     return loss, stats

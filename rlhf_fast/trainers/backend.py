@@ -7,6 +7,7 @@ The losses of both are the same functions of the same log-probs, so they agree u
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,14 @@ from .. import ops
 from ..ops import reference
 
 
-def aggregate(x: Tensor, mask: Tensor, loss_agg: str) -> Tensor:
+def aggregate(x: Tensor, mask: Tensor, loss_agg: str, loss_norm_length: int | None = None) -> Tensor:
     """Mean of per-token ``x`` [B, T] as ``loss_agg`` says (the same weighting as the PPO losses)."""
     mask = mask.bool()
     if loss_agg == "token-mean":
         return ops.masked_mean(x, mask)
+    if loss_agg == "seq-mean-token-sum-norm":  # Dr.GRPO: a constant B x L, whatever the valid counts
+        length = mask.shape[-1] if loss_norm_length is None else loss_norm_length
+        return torch.where(mask, x, 0).sum() / max(math.prod(mask.shape[:-1]) * length, 1)
     rows = mask.any(-1)
     per_row = ops.masked_mean(x, mask, dim=-1) if loss_agg == "seq-mean-token-mean" else torch.where(mask, x, 0).sum(-1)
     return ops.masked_mean(per_row, rows)
@@ -56,17 +60,23 @@ class Backend:
 
     def policy_loss(self, hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
                     response_mask: Tensor, *, clip_eps: float, clip_eps_high: float | None, dual_clip: float | None,
-                    entropy_coef: float, temperature: float, loss_agg: str) -> tuple[Tensor, dict[str, Tensor]]:
-        """PPO clipped loss minus the entropy bonus; stats hold clipfrac, approx_kl, entropy and per-token logprobs."""
+                    entropy_coef: float, temperature: float, loss_agg: str, policy_loss: str = "ppo_clip",
+                    importance_ratio: str = "token", sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
+                    loss_norm_length: int | None = None, ref_logprobs: Tensor | None = None, kl_coef: float = 0.0,
+                    kl_estimator: str = "k3", kl_log_ratio_clip: float | None = 20.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """Policy surrogate (+ in-loss KL when kl_coef > 0) minus the entropy bonus; stats hold clipfrac, approx_kl,
+        entropy and per-token logprobs. Both paths take every keyword of ``ops.ppo_policy_loss``, so they agree."""
         mask = response_mask.bool()
+        kw = dict(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, loss_agg=loss_agg,
+                  policy_loss=policy_loss, importance_ratio=importance_ratio, sapo_tau_pos=sapo_tau_pos,
+                  sapo_tau_neg=sapo_tau_neg, loss_norm_length=loss_norm_length, ref_logprobs=ref_logprobs,
+                  kl_coef=kl_coef, kl_estimator=kl_estimator, kl_log_ratio_clip=kl_log_ratio_clip)
         if self.fused:
-            return ops.linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, clip_eps=clip_eps,
-                                       clip_eps_high=clip_eps_high, dual_clip=dual_clip, entropy_coef=entropy_coef,
-                                       temperature=temperature, loss_agg=loss_agg)
+            return ops.linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, entropy_coef=entropy_coef,
+                                       temperature=temperature, **kw)
         logprobs, entropy = reference.linear_logprobs(hidden.float(), weight.float(), labels, temperature=temperature, return_entropy=True)
-        loss, stats = ops.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps,
-                                          clip_eps_high=clip_eps_high, dual_clip=dual_clip, loss_agg=loss_agg)
-        mean_entropy = aggregate(entropy, mask, loss_agg)
+        loss, stats = ops.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, **kw)
+        mean_entropy = aggregate(entropy, mask, loss_agg, loss_norm_length)
         if entropy_coef:
             loss = loss - entropy_coef * mean_entropy
         stats = dict(stats, entropy=ops.masked_mean(entropy.detach(), mask), logprobs=logprobs.detach(), entropies=entropy.detach())
