@@ -1,7 +1,7 @@
 """One PPO iteration, fused vs eager: generation, scoring and update timed separately.
 
 The model is random-weight (speed does not depend on the weights), shaped from the command line or a preset,
-and runs through the real trainer (``PPOTrainer.step``), so the numbers are the trainer's own. Each variant
+and runs through the real trainer (``RLTrainer.run_unit``), so the numbers are the trainer's own. Each variant
 runs in a fresh subprocess so its peak memory is its own: peak RSS (``getrusage``) on CPU,
 ``torch.cuda.max_memory_allocated`` per phase on CUDA. JSON goes to ``benchmarks/results/``.
 
@@ -87,7 +87,7 @@ def child(args) -> dict:
     sys.path.insert(0, str(HERE))
     from rlhf_fast.checkpoint import StopRequest
     from rlhf_fast.config import load_config
-    from rlhf_fast.trainers.ppo import PPOTrainer
+    from rlhf_fast.trainers.ppo import RLTrainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         tmp = Path(args.workdir)
@@ -100,7 +100,7 @@ def child(args) -> dict:
             "ppo.micro_batch_size": args.micro_batch, "ppo.ppo_epochs": args.ppo_epochs, "ppo.kl_estimator": args.kl_estimator,
             "progress_bar": False, "num_samples_logged": 0, "threads": args.threads,
         })
-        trainer = PPOTrainer(cfg)
+        trainer = RLTrainer(cfg)
         dev = trainer.device
         rows = []
         with StopRequest() as stop:
@@ -108,7 +108,7 @@ def child(args) -> dict:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(dev)
-                rows.append(trainer.step(stop))
+                rows.append(trainer.run_unit(stop))
         m = rows[-1]
         n_seq_tokens = args.batch * (args.prompt_len + m["response/length"])  # approximate (prompts vary by a few tokens)
         n_resp = args.batch * m["response/length"]
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
               f"| tok/s gen {r['tokens_per_s']['generate']:8.1f} score {r['tokens_per_s']['score']:8.1f} update {r['tokens_per_s']['update']:8.1f}"
               f"  | peak {r['peak_memory_mb']:.0f} MB  ({time.time() - t0:.0f}s wall)", flush=True)
     info = {
-        "benchmark": "one PPO iteration (PPOTrainer.step): generation, scoring, update",
+        "benchmark": "one PPO iteration (RLTrainer.run_unit): generation, scoring, update",
         "shape": shape, "device": device, "torch": torch.__version__, "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None, "cpu_count": os.cpu_count(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("variant", "workdir", "out")},

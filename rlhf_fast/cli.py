@@ -62,7 +62,9 @@ class Tool:
 
 
 COMMANDS = {
-    "ppo": Trainer("rlhf_fast.trainers.ppo:PPOTrainer", "train a policy with PPO (Ziegler et al. 2019)"),
+    "ppo": Trainer("rlhf_fast.trainers.ppo:RLTrainer", "train a policy with PPO (Ziegler et al. 2019); the same loop as `rl`"),
+    "rl": Trainer("rlhf_fast.trainers.ppo:RLTrainer", "RL on a reward: PPO, GRPO, RLOO, REINFORCE, REINFORCE++, ReMax; PPO or TRPO updates "
+                  "(algorithm.adv_estimator, algorithm.policy_update)"),
     "plot": Tool("rlhf_fast.plot", "plot a run's training curves to a PNG"),
     "sft": Trainer("rlhf_fast.trainers.sft:SFTTrainer", "supervised fine-tuning on prompt/response pairs or chat messages"),
     "rm": Trainer("rlhf_fast.trainers.rm:RewardModelTrainer", "train a reward model on preference pairs or rankings"),

@@ -1,13 +1,15 @@
 """The run configuration: a tree of dataclasses, loaded from YAML, overridden by ``--section.key=value``.
 
 Every key is checked: an unknown one is an error that names it and lists the valid keys of its section,
-and values are coerced to the field's type ("1e-5" -> float, "true" -> bool, "null" -> None, YAML lists).
+and values are coerced to the field's type ("1e-5" -> float, "true" -> bool, "null" -> None, YAML lists) by
+OmegaConf structured configs (``load_structured``); the loaded config is the dataclass instances again.
 Defaults follow the standard RLHF recipes (Ziegler et al. 2019, Ouyang et al. 2022, TRL's PPO).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import UserError
 
@@ -42,7 +46,7 @@ class ModelConfig:
 @dataclass
 class CriticConfig:
     init_from: str = "policy"  # "policy" | "reward" (the first reward model's backbone and score head)
-    share_backbone: bool = False  # one model, two heads: the value head sits on the policy's backbone
+    share_backbone: bool = False  # false: a separate backbone copy; true: one model, two heads (value head on the policy's backbone)
     lr: float | None = None  # None: ppo.lr
 
 
@@ -75,6 +79,7 @@ class DataConfig:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 48
+    n: int = 1  # responses sampled per prompt (a group: GRPO/RLOO need n >= 2)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -83,7 +88,7 @@ class GenerationConfig:
 @dataclass
 class PPOConfig:
     iterations: int = 20
-    batch_size: int = 32  # prompts (= responses) per rollout
+    batch_size: int = 32  # prompts per rollout (responses: batch_size x generation.n)
     minibatch_size: int = 16  # responses per optimizer step
     micro_batch_size: int = 8  # responses per forward/backward (gradient accumulation up to the minibatch)
     ppo_epochs: int = 1
@@ -91,7 +96,8 @@ class PPOConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
-    warmup_steps: int = 0  # optimizer steps of linear warmup, then constant
+    lr_schedule: str = "constant_with_warmup"  # constant | constant_with_warmup | linear | cosine (transformers.get_scheduler)
+    warmup_steps: int = 0  # optimizer steps of linear warmup (from 0)
     max_grad_norm: float = 1.0
     clip_eps: float = 0.2
     clip_eps_high: float | None = None  # asymmetric clip (DAPO's clip-higher)
@@ -107,6 +113,35 @@ class PPOConfig:
     kl_estimator: str = "k1"  # k1 | k2 | k3 | abs | full (exact linear_kl over the vocabulary)
     kl_target: float | None = None  # adaptive controller (Ziegler et al. 2019) when set: target KL per sequence
     kl_horizon: int = 10000
+
+
+@dataclass
+class AlgorithmConfig:
+    """Which policy-gradient method the one RL loop runs (verl's names for the estimators)."""
+
+    adv_estimator: str = "gae"  # gae (PPO with a critic) | grpo | rloo | reinforce | reinforce_pp | remax
+    policy_update: str = "ppo"  # ppo: clipped-surrogate epochs | trpo: one natural-gradient step per iteration
+    norm_adv_by_std: bool = True  # grpo: divide by the group's std (false: Dr.GRPO)
+    reinforce_baseline: str = "batch_mean"  # reinforce: none | batch_mean
+    kl_in: str = "reward"  # reward: -kl_coef * KL in the rewards | loss: kl_coef * KL estimator in the policy loss (GRPO)
+    kl_log_ratio_clip: float | None = 20.0  # in-loss KL: clamp log(pi_ref / pi) to +-this (k3 is unbounded otherwise)
+    policy_loss: str = "ppo_clip"  # ppo_clip | cispo | sapo
+    importance_ratio: str = "token"  # token | sequence (GSPO)
+    loss_norm_length: int | None = None  # seq-mean-token-sum-norm (Dr.GRPO): the constant length (None: the rollout's T)
+    sapo_tau_pos: float = 1.0  # SAPO gate temperatures for positive / negative advantages
+    sapo_tau_neg: float = 1.05
+    dynamic_sampling: bool = False  # DAPO: drop groups whose scores are all equal (they carry no gradient)
+    max_kl: float = 0.01  # TRPO trust region: mean KL(pi_old || pi) per token after the step
+    cg_iters: int = 10
+    cg_damping: float = 0.1
+    max_backtracks: int = 10
+    backtrack_ratio: float = 0.5
+    vf_epochs: int = 1  # TRPO with gae: critic epochs (its own Adam) per iteration
+
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")  # transformers.get_scheduler names
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce", "reinforce_pp", "remax")
+GROUP_ESTIMATORS = ("grpo", "rloo")  # need generation.n >= 2
 
 
 @dataclass
@@ -144,6 +179,7 @@ class Config(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
@@ -154,21 +190,32 @@ class Config(RunConfig):
         _choice("model.compile", self.model.compile, ("auto", "true", "false"))
         _choice("model.attn_implementation", self.model.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
         _choice("ppo.kl_estimator", p.kl_estimator, ("k1", "k2", "k3", "abs", "full"))
-        _choice("ppo.loss_agg", p.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))
+        _choice("ppo.loss_agg", p.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
         _choice("critic.init_from", self.critic.init_from, ("policy", "reward"))
+        _choice("ppo.lr_schedule", p.lr_schedule, LR_SCHEDULES)
         for key, value in [("ppo.iterations", p.iterations), ("ppo.batch_size", p.batch_size), ("ppo.minibatch_size", p.minibatch_size),
                            ("ppo.micro_batch_size", p.micro_batch_size), ("ppo.ppo_epochs", p.ppo_epochs),
                            ("generation.max_new_tokens", g.max_new_tokens), ("eval.batch_size", self.eval.batch_size),
                            ("data.max_prompt_length", self.data.max_prompt_length), ("reward.batch_size", self.reward.batch_size)]:
             if value < 1:
                 raise UserError(f"{key}: must be >= 1, got {value}")
-        if p.batch_size % p.minibatch_size or p.minibatch_size % p.micro_batch_size:
-            raise UserError(f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.minibatch_size ({p.minibatch_size}), "
-                            f"and that of ppo.micro_batch_size ({p.micro_batch_size})")
+        if (p.batch_size * g.n) % p.minibatch_size or p.minibatch_size % p.micro_batch_size:
+            raise UserError(f"responses per rollout (ppo.batch_size x generation.n = {p.batch_size * g.n}) must be a multiple of "
+                            f"ppo.minibatch_size ({p.minibatch_size}), and that of ppo.micro_batch_size ({p.micro_batch_size})")
         if g.temperature <= 0:
             raise UserError(f"generation.temperature: must be > 0 (sampling), got {g.temperature}")
+        # The log-probs (old, reference, new) are computed under the full temperature-scaled softmax: sampling from a
+        # top-p/top-k truncated one would make every rollout off-policy (wrong PPO ratios and KL), so it is refused.
         if not 0 < g.top_p <= 1:
             raise UserError(f"generation.top_p: must be in (0, 1], got {g.top_p}")
+        if g.top_p < 1:
+            raise UserError(f"generation.top_p={g.top_p}: nucleus sampling is not supported; the log-probs are computed under the "
+                            "full softmax, so a truncated sampling distribution would make the rollouts off-policy. Set it to 1.0")
+        if g.top_k < 0:
+            raise UserError(f"generation.top_k: must be >= 0 (0: off), got {g.top_k}")
+        if g.top_k != 0:
+            raise UserError(f"generation.top_k={g.top_k}: top-k sampling is not supported; the log-probs are computed under the "
+                            "full softmax, so a truncated sampling distribution would make the rollouts off-policy. Set it to 0")
         if p.lr <= 0 or p.kl_coef < 0 or p.vf_coef < 0 or p.entropy_coef < 0:
             raise UserError("ppo.lr must be > 0 and ppo.kl_coef, ppo.vf_coef, ppo.entropy_coef >= 0")
         if not self.reward.sources:
@@ -177,9 +224,47 @@ class Config(RunConfig):
             raise UserError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction}")
         if self.model.lora.enabled and self.model.trainable_layers:
             raise UserError("model.trainable_layers and model.lora.enabled both restrict what trains: set one of them")
+        self._validate_algorithm()
         if len(p.adam_betas) != 2:
             raise UserError(f"ppo.adam_betas: expected two numbers, got {p.adam_betas}")
         return self
+
+
+    def _validate_algorithm(self) -> None:
+        a, n = self.algorithm, self.generation.n
+        _choice("algorithm.adv_estimator", a.adv_estimator, ESTIMATORS)
+        _choice("algorithm.policy_update", a.policy_update, ("ppo", "trpo"))
+        _choice("algorithm.reinforce_baseline", a.reinforce_baseline, ("none", "batch_mean"))
+        _choice("algorithm.kl_in", a.kl_in, ("reward", "loss"))
+        _choice("algorithm.policy_loss", a.policy_loss, ("ppo_clip", "cispo", "sapo"))
+        _choice("algorithm.importance_ratio", a.importance_ratio, ("token", "sequence"))
+        if n < 1:
+            raise UserError(f"generation.n: must be >= 1, got {n}")
+        if a.adv_estimator in GROUP_ESTIMATORS and n < 2:
+            raise UserError(f"algorithm.adv_estimator={a.adv_estimator} compares the responses to one prompt: set generation.n >= 2, got {n}")
+        if a.dynamic_sampling and n < 2:
+            raise UserError("algorithm.dynamic_sampling drops groups whose scores are all equal: it needs generation.n >= 2")
+        if a.kl_in == "loss" and self.ppo.kl_estimator == "full":
+            raise UserError("algorithm.kl_in=loss prices sampled tokens: ppo.kl_estimator must be k1, k2, k3 or abs, not full")
+        if a.kl_in == "loss" and self.ppo.kl_target is not None:
+            raise UserError("ppo.kl_target (adaptive KL coefficient) works with algorithm.kl_in=reward only")
+        if a.policy_update == "trpo" and a.policy_loss != "ppo_clip":
+            raise UserError("algorithm.policy_update=trpo takes its own surrogate: leave algorithm.policy_loss at ppo_clip")
+        for key, value in [("algorithm.max_kl", a.max_kl), ("algorithm.backtrack_ratio", a.backtrack_ratio),
+                           ("algorithm.sapo_tau_pos", a.sapo_tau_pos), ("algorithm.sapo_tau_neg", a.sapo_tau_neg)]:
+            if not value > 0:
+                raise UserError(f"{key}: must be > 0, got {value}")
+        if a.backtrack_ratio >= 1 or a.cg_damping < 0 or a.cg_iters < 1 or a.max_backtracks < 0 or a.vf_epochs < 1:
+            raise UserError("algorithm: need 0 < backtrack_ratio < 1, cg_damping >= 0, cg_iters >= 1, max_backtracks >= 0, vf_epochs >= 1")
+        if a.loss_norm_length is not None and a.loss_norm_length < 1:
+            raise UserError(f"algorithm.loss_norm_length: must be >= 1, got {a.loss_norm_length}")
+        if a.kl_log_ratio_clip is not None and not a.kl_log_ratio_clip > 0:
+            raise UserError(f"algorithm.kl_log_ratio_clip: must be > 0 or null, got {a.kl_log_ratio_clip}")
+
+    @property
+    def needs_critic(self) -> bool:
+        """Only GAE reads values: every other estimator builds no critic at all."""
+        return self.algorithm.adv_estimator == "gae"
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -187,100 +272,109 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise UserError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
 
 
-# ----------------------------------------------------------------------------------------------- building
+# ----------------------------------------------------------------------------------------------- loading
+# OmegaConf checks the keys and converts each value to its field's annotation. Kept here: the command-line forms
+# (a comma list, null/none for an optional field, true/false for the string fields bf16 and compile) and errors
+# that name the full key, the closest valid key and the section's valid keys (OmegaConf's lack the last two).
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unknown_key(path: str, key: str, cls) -> UserError:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    where = f"in section {path!r}" if path else "at the top level"
-    return UserError(f"unknown config key {(path + '.' if path else '') + key!r}{hint}; valid keys {where}: {', '.join(valid)}")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """``value`` (from YAML, or a command-line string) as an instance of the annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            return None
-        return _coerce(key, value, args[0])
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, str):
+def _set(cfg: DictConfig, key: str, value: Any) -> None:
+    """``cfg.<key> = value``; a mapping (a section) or a list of mappings (a list of sections) is set key by key so
+    that an error names the full key (OmegaConf's loses the path inside a list)."""
+    node = OmegaConf.select(cfg, key)  # None for an unknown key: the update below raises
+    if isinstance(value, bool):  # YAML's true/false: a bool field converts it back, a string field keeps the word
+        value = "true" if value else "false"
+    if isinstance(value, str) and (OmegaConf.is_list(node) or OmegaConf.is_dict(node)):
+        if value.lstrip().startswith(("[", "{")):
             value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise UserError(f"{key}: expected a mapping, got {value!r}")
-        return build(tp, value, key)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
-            return False
-        raise UserError(f"{key}: expected true or false, got {value!r}")
-    if tp is str:
-        if isinstance(value, bool):  # YAML reads an unquoted true/false as bool; our str fields spell them
-            return "true" if value else "false"
-        if isinstance(value, (int, float)):
-            return str(value)
-        if not isinstance(value, str):
-            raise UserError(f"{key}: expected a string, got {value!r}")
-        return value
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise UserError(f"{key}: expected a number, got {value!r}")
+        elif OmegaConf.is_list(node):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, dict) and OmegaConf.is_dict(node):
+        for k, v in value.items():
+            _set(cfg, f"{key}.{k}", v)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value) and OmegaConf.is_list(node):
+        OmegaConf.update(cfg, key, [{}] * len(value))  # default items, then their keys
+        for i, item in enumerate(value):
+            _set(cfg, f"{key}[{i}]", item)
+    elif isinstance(value, str) and value.lower() in ("null", "none", "~") and _set_none(cfg, key):
+        pass
+    else:
+        OmegaConf.update(cfg, key, _literal(value))
+
+
+def _literal(value: Any) -> Any:
+    """``value`` with ``${`` escaped in its strings: values are literal, OmegaConf would read an interpolation."""
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value) if isinstance(value, str) else value
+
+
+def _set_none(cfg: DictConfig, key: str) -> bool:
+    try:
+        OmegaConf.update(cfg, key, None)
+        return True
+    except ValidationError:  # not an optional field: a string field keeps the word "none"
+        return False
+
+
+def _expected(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return words.get(tp) or ("a list" if typing.get_origin(tp) is list else "a mapping")
+
+
+def _user_error(e: OmegaConfBaseException, key: str) -> UserError:
+    """The UserError for OmegaConf's error ``e`` raised while setting ``key``."""
+    full = e.full_key or key
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(e.object_type):
+        section, _, name = full.rpartition(".")
+        valid = [f.name for f in dataclasses.fields(e.object_type)]
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        where = f"in section {section!r}" if section else "at the top level"
+        return UserError(f"unknown config key {full!r}{hint}; valid keys {where}: {', '.join(valid)}")
+    if key.startswith(f"{full}."):
+        return UserError(f"config key {full!r} is a value, not a section: cannot set {key!r}")
+    if isinstance(e, ValidationError) and e.object_type is list and typing.get_args(e.ref_type):
+        return UserError(f"{full}: expected {_expected(typing.get_args(e.ref_type)[0])}, got {e.value!r}")
+    if isinstance(e, ValidationError) and dataclasses.is_dataclass(e.object_type):
+        tp = typing.get_type_hints(e.object_type).get(str(e.key))
+        if tp is not None:
+            return UserError(f"{full}: expected {_expected(tp)}, got {e.value!r}")
+    return UserError(f"{full}: {str(e.msg).splitlines()[0]}")
+
+
+def load_structured(cls, path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None):
+    """``cls()`` (a config dataclass, not validated) with the YAML file's keys and then the overrides set in order;
+    a YAML section only changes the keys it names (so nested defaults that differ from the section class's stay).
+
+    ``overrides`` is a list of ``--key=value`` strings (as on the command line) or a dict ``{"ppo.lr": 1e-5}``.
+    Raises UserError for a missing file, bad YAML, an unknown key or a value of the wrong type.
+    """
+    data: dict[Any, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} not found")
         try:
-            out = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is float else int(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}") from None
-        if tp is int and isinstance(value, float) and value != out:
-            raise UserError(f"{key}: expected an integer, got {value!r}")
-        return out
-    raise TypeError(f"config field {key}: unsupported annotation {tp!r}")  # a bug in this file, not user input
-
-
-def build(cls, data: dict[str, Any] | None, path: str = ""):
-    """An instance of the dataclass ``cls`` from a nested dict; unknown keys raise UserError."""
-    data = dict(data or {})
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise _unknown_key(path, key, cls)
-        kwargs[key] = _coerce(f"{path}.{key}" if path else key, value, hints[key])
-    return cls(**kwargs)
-
-
-def apply_override(cfg: Config, dotted: str, value: str) -> None:
-    """Set ``cfg.<dotted>`` from a command-line string, coerced to the field's type."""
-    parts = dotted.split(".")
-    obj, path = cfg, ""
-    for i, name in enumerate(parts):
-        cls = type(obj)
-        hints = _hints(cls)
-        if name not in hints:
-            raise _unknown_key(path, name, cls)
-        full = f"{path}.{name}" if path else name
-        if i == len(parts) - 1:
-            setattr(obj, name, _coerce(full, value, hints[name]))
-        else:
-            obj = getattr(obj, name)
-            if not dataclasses.is_dataclass(obj):
-                raise UserError(f"config key {full!r} is a value, not a section: cannot set {dotted!r}")
-        path = full
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {str(p)!r}: expected a mapping at the top level")
+    pairs = parse_overrides(overrides) if isinstance(overrides, list) else list((overrides or {}).items())
+    cfg, key = OmegaConf.structured(cls), ""
+    try:
+        for key, value in [*data.items(), *pairs]:
+            if not all(str(key).split(".")):
+                raise UserError(f"config key {str(key)!r} has an empty part: write section.key")
+            _set(cfg, str(key), value)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _user_error(e, str(key)) from None
+    except yaml.YAMLError as e:  # a "[...]" or "{...}" override
+        raise UserError(f"{key}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -303,38 +397,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML config file; UserError if it is missing, not YAML or not a mapping."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {str(p)!r} not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {str(p)!r}: expected a mapping at the top level")
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """The validated Config from a YAML file (or the defaults), with overrides applied in order.
-
-    ``overrides`` is a list of ``--key=value`` strings (as on the command line) or a dict ``{"ppo.lr": 1e-5}``.
-    Raises UserError for a missing file, bad YAML, an unknown key or a value of the wrong type.
-    """
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = read_yaml(path)
-    cfg = build(Config, data)
-    pairs = parse_overrides(overrides) if isinstance(overrides, list) else list((overrides or {}).items())
-    for key, value in pairs:
-        apply_override(cfg, key, value)
-    return cfg.validate()
-
-
-def to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The validated Config from a YAML file (or the defaults), with overrides applied in order (see load_structured)."""
+    return load_structured(Config, path, overrides).validate()
 
 
 def resume_config_path(config_path: str | None, resume: str | None, what: str = "run") -> str | None:
@@ -347,5 +412,6 @@ def resume_config_path(config_path: str | None, resume: str | None, what: str = 
     return config_path or str(Path(resume) / "config.yaml")
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg, path: str | Path) -> None:
+    """``cfg`` (any config dataclass) as the YAML that load_config / load_stage_config read back (a resumed run's)."""
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))  # its strings literal, unlike OmegaConf's

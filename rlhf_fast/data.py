@@ -1,12 +1,13 @@
 """Prompt files: JSONL or Parquet rows with a ``prompt`` string or chat ``messages``, a train/eval split,
 the tokenizer's chat template, and a resumable sampler.
 
-The reward sees the plain user text (``Prompt.text``); the policy sees the templated tokens (``Prompt.ids``).
+The policy sees the templated tokens (``Prompt.ids``); reward functions see the last user message (``Prompt.text``),
+and reward models the whole chat (``Prompt.messages``, system prompt included) plus the response.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +22,7 @@ EVAL_SPLITS = ("eval", "test", "validation", "valid")
 class Prompt:
     text: str  # the last user message, as the reward function receives it
     ids: list[int]  # token ids after the chat template, ending where the assistant's answer begins
+    messages: list[dict] = field(default_factory=list)  # the whole chat before the answer (system prompt included)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def load_prompts(data_cfg, tokenizer, max_new_tokens: int, context_length: int |
             too_long.append((n, len(ids)))
             continue
         user = [m["content"] for m in msgs if m["role"] == "user"]
-        prompts.append(Prompt(text=user[-1] if user else msgs[-1]["content"], ids=ids))
+        prompts.append(Prompt(text=user[-1] if user else msgs[-1]["content"], ids=ids, messages=msgs))
         is_eval.append(str(row.get(data_cfg.split_column, "")).lower() in EVAL_SPLITS)
     if too_long and not data_cfg.drop_long_prompts:
         n, length = too_long[0]

@@ -270,7 +270,7 @@ class Pipeline:
 
     def stage_ppo(self):
         from .tracking import read_metrics
-        from .trainers.ppo import PPOTrainer
+        from .trainers.ppo import RLTrainer
 
         ppo_dir = Path(self.cfg.ppo.output_dir)
         rows = read_metrics(ppo_dir)
@@ -281,7 +281,7 @@ class Pipeline:
         t0 = time.perf_counter()
         resume = ppo_dir if self.resume and (ppo_dir / "checkpoints").is_dir() else None
         self._log(f"ppo: {self.cfg.ppo.ppo.iterations} iterations against the learned reward (the judge logged with weight 0)")
-        trainer = PPOTrainer(self.cfg.ppo, resume=resume)
+        trainer = RLTrainer(self.cfg.ppo, resume=resume)
         result = trainer.train()
         self.summary["ppo"] = {"status": result["status"], "iterations": result["iteration"], "reward_names": trainer.reward_fn.names,
                                "seconds": time.perf_counter() - t0 + self.summary.get("ppo", {}).get("seconds", 0.0)}

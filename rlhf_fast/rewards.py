@@ -1,11 +1,16 @@
 """Sequence rewards from text: VADER sentiment, any ``module:function``, or a reward model; weighted sums of them.
 
-Every reward takes ``(prompts: list[str], responses: list[str]) -> list[float]``. A reward model re-tokenizes
-the text with its own tokenizer (and chat template), so its vocabulary never has to match the policy's.
+Every reward takes ``(prompts: list[str], responses: list[str]) -> list[float]``, where ``prompts[i]`` is the
+last user message of prompt i (``rlhf_fast.data.Prompt.text``). A reward that also declares a parameter named
+``messages`` receives, as ``messages=``, each prompt's whole chat (``list[list[dict]]`` of ``{role, content}``,
+the system prompt and earlier turns included). ``RewardModel`` is one: it scores the whole conversation, rendered
+and tokenized by the same function ``rlhf-fast rm`` trains on (``rlhf_fast.trainers.rm.render``), with its own
+tokenizer (and chat template), so its vocabulary never has to match the policy's.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +19,16 @@ import torch
 from .errors import UserError
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
+Messages = list[dict]  # chat messages, {role, content} each
+
+
+def takes_messages(fn) -> bool:
+    """Whether the reward ``fn`` declares a ``messages`` parameter (and so is passed each prompt's chat)."""
+    try:
+        param = inspect.signature(fn).parameters.get("messages")
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
 class VaderSentiment:
@@ -29,7 +44,10 @@ class VaderSentiment:
 
 
 class RewardModel:
-    """A 1-label ``AutoModelForSequenceClassification``: the score of (prompt, response) rendered as a chat."""
+    """A 1-label ``AutoModelForSequenceClassification``: the score of the conversation (the prompt's messages, then
+    the response as the assistant turn), rendered and tokenized exactly as ``rlhf-fast rm`` trained it
+    (``rlhf_fast.trainers.rm.render``, the tokenizer's chat template when it has one) and read at the last non-pad
+    token. Longer renderings are cut to ``max_length`` tokens."""
 
     def __init__(self, path: str, device: torch.device, batch_size: int = 16, max_length: int = 1024):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -53,20 +71,29 @@ class RewardModel:
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.path = path
 
-    def text(self, prompt: str, response: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            msgs = [dict(role="user", content=prompt), dict(role="assistant", content=response)]
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False)
-        return prompt + "\n\n" + response
+    def encode(self, messages: Messages, response: str) -> list[int]:
+        """Token ids of ``messages`` + the assistant ``response``: the rm trainer's rendering (one code path). The
+        saved tokenizer carries the chat template only when the model was trained with one."""
+        from .trainers.rm import render
+
+        return render(self.tokenizer, messages, response)[: self.max_length]
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], messages: list[Messages] | None = None) -> list[float]:
+        """[len(responses)] scores. ``messages``: each prompt's chat (system prompt and earlier turns included);
+        None scores each ``prompts[i]`` as a single user message."""
+        if messages is None:
+            messages = [[dict(role="user", content=p)] for p in prompts]
+        if len(messages) != len(responses):
+            raise ValueError(f"messages: expected {len(responses)} conversations (one per response), got {len(messages)}")
+        pad = self.tokenizer.pad_token_id
         out = []
-        for s in range(0, len(prompts), self.batch_size):
-            texts = [self.text(p, r) for p, r in zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size])]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
-                                 add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(self.device)
-            out += self.model(**enc).logits[:, 0].float().tolist()
+        for s in range(0, len(responses), self.batch_size):
+            seqs = [self.encode(m, r) for m, r in zip(messages[s:s + self.batch_size], responses[s:s + self.batch_size])]
+            width = max(map(len, seqs))
+            ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs], dtype=torch.long, device=self.device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], dtype=torch.long, device=self.device)
+            out += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
         return out
 
 
@@ -94,7 +121,8 @@ def load_reward(spec: str, device: torch.device, batch_size: int = 16) -> Reward
 
 
 class CombinedReward:
-    """sum_i weight_i * reward_i(prompts, responses); also returns each term for logging (multi-objective)."""
+    """sum_i weight_i * reward_i(prompts, responses); also returns each term for logging (multi-objective).
+    Rewards that declare a ``messages`` parameter (reward models among them) also get each prompt's chat."""
 
     def __init__(self, sources, device: torch.device, batch_size: int = 16):
         self.names, self.weights, self.fns = [], [], []
@@ -102,17 +130,28 @@ class CombinedReward:
             self.names.append(_short_name(src.spec))
             self.weights.append(float(src.weight))
             self.fns.append(load_reward(src.spec, device, batch_size))
+        self.wants_messages = [takes_messages(fn) for fn in self.fns]
 
     @property
     def reward_model_path(self) -> str | None:
         return next((fn.path for fn in self.fns if isinstance(fn, RewardModel)), None)
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total [B] float32, {name: [B] float32 per term}); non-finite values pass through for the caller to catch."""
+    def __call__(self, prompts: list[str], responses: list[str], messages: list[Messages] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total [B] float32, {name: [B] float32 per term}); non-finite values pass through for the caller to catch.
+
+        ``prompts``: the last user message of each prompt; ``messages``: each prompt's whole chat (None: rewards
+        that take it see ``prompts[i]`` as a single user message)."""
+        if messages is not None and len(messages) != len(responses):
+            raise ValueError(f"messages: expected {len(responses)} conversations (one per response), got {len(messages)}")
         total = torch.zeros(len(responses), dtype=torch.float32)
         terms = {}
-        for name, w, fn in zip(self.names, self.weights, self.fns):
-            values = fn(prompts, responses)
+        for name, w, fn, wants in zip(self.names, self.weights, self.fns, self.wants_messages):
+            if wants:
+                chats = messages if messages is not None else [[dict(role="user", content=p)] for p in prompts]
+                values = fn(prompts, responses, messages=chats)
+            else:
+                values = fn(prompts, responses)
             if len(values) != len(responses):
                 raise UserError(f"reward {name!r} returned {len(values)} values for {len(responses)} responses")
             try:

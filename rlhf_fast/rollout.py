@@ -18,13 +18,14 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Rollout:
-    prompts: list[str]  # user texts (for rewards and logs)
+    prompts: list[str]  # last user message of each prompt (for reward functions and logs)
     responses: list[str]  # decoded responses, up to and without EOS
     input_ids: Tensor  # [B, P + T] long
     attention_mask: Tensor  # [B, P + T] long: prompt tokens and response tokens up to EOS
     prompt_len: int  # P
     response_mask: Tensor  # [B, T] bool: tokens up to and including the first EOS
     no_eos: Tensor  # [B] bool: the response hit max_new_tokens without EOS
+    group_ids: Tensor | None = None  # [B] int64: responses to the same prompt share an id (generation.n of them)
     # filled by scoring (all [B, T] float32 unless noted)
     logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
@@ -35,6 +36,7 @@ class Rollout:
     advantages: Tensor | None = None
     returns: Tensor | None = None
     extras: dict = field(default_factory=dict)
+    messages: list[list[dict]] | None = None  # each prompt's whole chat (system prompt included), for reward models
 
     @property
     def response_ids(self) -> Tensor:
@@ -69,8 +71,9 @@ def response_mask(response_ids: Tensor, eos_ids: list[int]) -> Tensor:
 
 @torch.no_grad()
 def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[int], device: torch.device,
-             autocast, temperature: float | None = None) -> Rollout:
-    """Sample one response per prompt with transformers' ``generate`` (KV cache, stops once all rows hit EOS)."""
+             autocast, temperature: float | None = None, greedy: bool = False) -> Rollout:
+    """Sample one response per prompt with transformers' ``generate`` (KV cache, stops once all rows hit EOS);
+    ``greedy``: the argmax response instead (ReMax's baseline)."""
     from transformers import GenerationConfig
 
     prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], tokenizer.pad_token_id)
@@ -78,8 +81,8 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     # Every sampling knob explicit: a model's generation_config.json (e.g. its own top_k) must not leak in,
     # or the sampling distribution would differ from the one the log-probs are computed under.
     config = GenerationConfig(
-        do_sample=True, max_new_tokens=gen_cfg.max_new_tokens, temperature=temperature or gen_cfg.temperature,
-        top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, min_length=0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        do_sample=not greedy, max_new_tokens=gen_cfg.max_new_tokens, temperature=None if greedy else temperature or gen_cfg.temperature,
+        top_p=None if greedy else gen_cfg.top_p, top_k=None if greedy else gen_cfg.top_k, min_length=0, repetition_penalty=1.0, no_repeat_ngram_size=0,
         typical_p=1.0, num_beams=1, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
     was_training = policy.training
@@ -98,16 +101,34 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     texts = tokenizer.batch_decode(torch.where(has_eos, tokenizer.pad_token_id, resp).tolist(), skip_special_tokens=True)
     return Rollout(
         prompts=[p.text for p in prompts], responses=texts,
+        messages=[p.messages or [dict(role="user", content=p.text)] for p in prompts],
         input_ids=torch.cat([prompt_ids, resp], dim=1), attention_mask=torch.cat([prompt_mask, mask.long()], dim=1),
         prompt_len=P, response_mask=mask, no_eos=no_eos,
     )
 
 
 def token_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float) -> Tensor:
-    """r_t = -kl_coef * KL_t, plus the sequence score on the last response token (Ziegler et al. 2019, eq. 2)."""
+    """r_t = -kl_coef * KL_t on response tokens, plus the sequence score on each row's last response token
+    (Ziegler et al. 2019, eq. 2); 0 outside the mask.
+
+    Args: ``scores`` [B] float; ``kl`` [B, T] float (nats); ``response_mask`` [B, T] bool, which may have holes
+    (the score goes to the last True position, not to ``mask.sum() - 1``). A row with no True position has no
+    token to credit: its rewards are all 0 and its score is dropped (a NaN score there is not passed on).
+    Returns: [B, T] rewards, dtype of ``kl``. Raises: ValueError for mismatched shapes or a non-bool mask.
+    """
+    if response_mask.dtype != torch.bool or response_mask.dim() != 2 or kl.shape != response_mask.shape:
+        raise ValueError(f"response_mask: expected a [B, T] bool tensor of kl's shape {tuple(kl.shape)}, "
+                         f"got {response_mask.dtype} {tuple(response_mask.shape)}")
+    if scores.shape != response_mask.shape[:1]:
+        raise ValueError(f"scores: expected shape ({response_mask.shape[0]},), got {tuple(scores.shape)}")
     rewards = torch.where(response_mask, -kl_coef * kl, 0.0)
-    last = response_mask.long().sum(-1).clamp(min=1) - 1
-    rewards[torch.arange(len(scores), device=rewards.device), last] += scores.to(rewards)
+    if response_mask.shape[1] == 0:
+        return rewards
+    positions = torch.arange(response_mask.shape[1], device=response_mask.device)
+    last = torch.where(response_mask, positions, -1).amax(-1)  # -1: no response token in the row
+    has_token = last >= 0
+    rows = torch.arange(len(scores), device=rewards.device)[has_token]
+    rewards[rows, last[has_token]] += scores.to(rewards)[has_token]
     return rewards
 
 

@@ -1,7 +1,7 @@
 """The config tree: YAML + overrides with type coercion, unknown keys and bad values named."""
 import pytest
 
-from rlhf_fast.config import Config, RewardSource, load_config, parse_overrides
+from rlhf_fast.config import Config, LoraConfig, RewardSource, load_config, load_structured, parse_overrides, resume_config_path, save_config
 from rlhf_fast.errors import UserError
 
 
@@ -41,6 +41,16 @@ def test_yaml_int_for_float_field_becomes_float(tmp_path):
     (["--ppo.lr"], "has no value"),
     (["--model.lora.enabled=true", "--model.trainable_layers=2"], "set one of them"),
     (["positional"], "unexpected argument 'positional'"),
+    (["--seed=none"], "seed: expected an integer, got 'none'"),  # not optional: null is a wrong type, not None
+    (["--ppo.adam_betas=0.9,x"], r"ppo.adam_betas\[1\]: expected a number, got 'x'"),
+    (["--reward.sources=[{spec: a}, {weight: x}]"], r"reward.sources\[1\].weight: expected a number, got 'x'"),
+    (["--reward.sources=vader"], r"reward.sources\[0\]: expected a mapping, got 'vader'"),
+    (["--ppo=fast"], "ppo: expected a mapping, got 'fast'"),
+    (["--ppo.lrr.x=1"], r"unknown config key 'ppo.lrr' \(did you mean 'lr'\?\)"),
+    (["--ppo..lr=1"], "config key 'ppo..lr' has an empty part"),
+    (["--model.lora.target_modules=[q_proj"], "model.lora.target_modules: the value is not valid YAML"),
+    ({"ppo.lr": True}, "ppo.lr: expected a number, got 'true'"),
+    ({"model.lora.r": 2.5}, "model.lora.r: expected an integer, got 2.5"),
 ])
 def test_bad_overrides(overrides, match):
     with pytest.raises(UserError, match=match):
@@ -67,6 +77,80 @@ def test_missing_and_invalid_yaml(tmp_path):
 
 def test_parse_overrides_forms():
     assert parse_overrides(["--a.b=1", "--c", "x y", "--d-e=2"]) == [("a.b", "1"), ("c", "x y"), ("d_e", "2")]
+
+
+def test_override_forms_keep_the_fields_types():
+    cfg = load_config(None, ["--model.bf16=true", "--model.compile", "false", "--data.system_prompt=none", "--model.policy=none",
+                             "--critic.lr=~", "--ppo.kl_target=6", "--ppo.clip_eps_high=NULL", "--progress_bar=no",
+                             "--model.lora.enabled=on", "--model.gradient_checkpointing=yes", "--data.chat_template=off",
+                             "--model.lora.target_modules=[q_proj, v_proj]", "--ppo={lr: 2e-5, adam_betas: [0.8, 0.9]}",
+                             "--reward.sources[0].weight=3"])
+    # bf16/compile are string fields that spell true/false; null/none clears an optional field only
+    assert cfg.model.bf16 == "true" and cfg.model.compile == "false"
+    assert cfg.data.system_prompt is None and cfg.model.policy == "none" and cfg.critic.lr is None and cfg.ppo.clip_eps_high is None
+    assert cfg.ppo.kl_target == 6.0 and isinstance(cfg.ppo.kl_target, float)
+    assert cfg.progress_bar is False and cfg.model.lora.enabled is True and cfg.model.gradient_checkpointing is True
+    assert cfg.data.chat_template is False
+    assert cfg.ppo.lr == 2e-5 and cfg.ppo.adam_betas == [0.8, 0.9] and cfg.ppo.iterations == Config().ppo.iterations
+    assert cfg.reward.sources == [RewardSource("vader", 3.0)]
+    # plain dataclasses and lists again, not OmegaConf containers
+    assert type(cfg.model.lora) is LoraConfig and type(cfg.model.lora.target_modules) is list
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"] and type(cfg.reward.sources[0]) is RewardSource
+    # a dict override takes Python values; a bool into a string field is spelled as the word
+    cfg = load_config(None, {"model.bf16": False, "ppo.iterations": 3, "data.system_prompt": None, "generation.temperature": 1})
+    assert cfg.model.bf16 == "false" and cfg.ppo.iterations == 3 and cfg.data.system_prompt is None
+    assert isinstance(cfg.generation.temperature, float)
+
+
+def test_strings_are_literal():
+    # OmegaConf would read ${...} as an interpolation: a prompt or path keeps it as written
+    prompt = "Answer in ${currency}; a \\${x} and ${"
+    cfg = load_config(None, {"data.system_prompt": prompt, "model.lora.target_modules": ["${a}", "b"]})
+    assert cfg.data.system_prompt == prompt and cfg.model.lora.target_modules == ["${a}", "b"]
+
+
+def test_yaml_errors_name_the_full_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    for text, match in [("ppo: 3\n", "ppo: expected a mapping, got 3"), ("ppo:\n", "ppo: expected a mapping, got None"),
+                        ("seed: null\n", "seed: expected an integer, got None"), ("seed: {x: 1}\n", "seed: expected an integer"),
+                        ("model:\n  lora:\n    enabled: maybe\n", "model.lora.enabled: expected true or false, got 'maybe'"),
+                        ("reward:\n  sources:\n    - {spec: a}\n    - {weight: heavy}\n", r"reward.sources\[1\].weight: expected a number"),
+                        ("- 1\n", "expected a mapping at the top level")]:
+        path.write_text(text)
+        with pytest.raises(UserError, match=match):
+            load_config(path)
+
+
+def test_yaml_section_keeps_the_other_defaults(tmp_path):
+    # a list item gets its class's defaults; a section only changes the keys it names, even where the enclosing
+    # config's defaults for it differ from the section class's (the pipeline's embedded PPO config)
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Outer:
+        ppo: Config = field(default_factory=lambda: Config(seed=7))
+        tag: str = "x"
+
+    path = tmp_path / "c.yaml"
+    path.write_text("ppo:\n  ppo:\n    lr: 1.0e-4\n  reward:\n    sources:\n      - {weight: 2}\n  model:\n    bf16: true\n")
+    cfg = load_structured(Outer, path, ["--tag=y"])
+    assert cfg.ppo.seed == 7 and cfg.ppo.ppo.lr == 1e-4 and cfg.ppo.ppo.iterations == Config().ppo.iterations and cfg.tag == "y"
+    assert cfg.ppo.reward.sources == [RewardSource("vader", 2.0)] and cfg.ppo.model.bf16 == "true"
+
+
+def test_saved_config_round_trips_and_resumes(tmp_path):
+    over = ["--model.bf16=true", "--data.system_prompt=Be ${brief}: yes", "--ppo.kl_target=6", "--critic.lr=null",
+            "--reward.sources=[{spec: 'm:f', weight: 0.5}, {spec: vader}]", "--model.lora.target_modules=q_proj", "--seed=5"]
+    cfg = load_config(None, over)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    assert load_config(run / "config.yaml") == cfg
+    # a resumed run reads its own config.yaml, overrides still apply on top
+    resumed = load_config(resume_config_path(None, str(run)), ["--seed=6"])
+    assert resumed.seed == 6 and resumed.data.system_prompt == "Be ${brief}: yes" and resumed.reward.sources == cfg.reward.sources
+    with pytest.raises(UserError, match="no config.yaml"):
+        resume_config_path(None, str(tmp_path))
 
 
 def test_shipped_configs_load():

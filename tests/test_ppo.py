@@ -12,7 +12,7 @@ from rlhf_fast.cli import main
 from rlhf_fast.rollout import token_rewards
 from rlhf_fast.tracking import read_metrics
 from rlhf_fast.trainers.backend import get_backend
-from rlhf_fast.trainers.ppo import PPOTrainer
+from rlhf_fast.trainers.ppo import RLTrainer
 
 TIMING = ("time/", "throughput/", "memory/")
 
@@ -28,7 +28,7 @@ def _weights(trainer):
 
 def test_one_iteration_end_to_end(tiny, tmp_path):
     cfg = tiny_config(tiny["policy"], tmp_path / "run", **{"ppo.iterations": 1})
-    trainer = PPOTrainer(cfg)
+    trainer = RLTrainer(cfg)
     before = _weights(trainer)
     result = trainer.train()
     assert result["status"] == "completed" and result["iteration"] == 1
@@ -58,18 +58,18 @@ def _comparable(rows):
 def test_resume_after_interruption_reproduces_uninterrupted_run(tiny, tmp_path, sig):
     over = {"ppo.iterations": 3, "ppo.ppo_epochs": 2, "eval.every": 1, "reward.normalize": True, "ppo.kl_target": 0.01,
             "ppo.kl_horizon": 100}
-    full = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "full", **over))
+    full = RLTrainer(tiny_config(tiny["policy"], tmp_path / "full", **over))
     assert full.train()["status"] == "completed"
 
     def interrupt(trainer, iteration, metrics):
         if iteration == 1:
             os.kill(os.getpid(), sig)  # as Ctrl-C / kill would: the handler defers it to a safe point
 
-    cut = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over), callbacks=[interrupt])
+    cut = RLTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over), callbacks=[interrupt])
     result = cut.train()
     assert result["status"] == "interrupted" and result["iteration"] == 1
     assert (tmp_path / "cut" / "checkpoints" / "iter-000001" / "state.json").is_file()
-    resumed = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over), resume=tmp_path / "cut")
+    resumed = RLTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over), resume=tmp_path / "cut")
     assert resumed.iteration == 1
     assert resumed.train()["status"] == "completed"
 
@@ -83,9 +83,9 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(tiny, tmp_path, 
 def test_interrupt_during_rollout_rolls_back_the_iteration(tiny, tmp_path):
     """A signal that lands before the update: no half iteration is recorded, and resuming redoes it exactly."""
     over = {"ppo.iterations": 2}
-    full = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "full", **over))
+    full = RLTrainer(tiny_config(tiny["policy"], tmp_path / "full", **over))
     full.train()
-    cut = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over))
+    cut = RLTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over))
     real_score = cut.score
 
     def score_then_signal(ro):
@@ -96,7 +96,7 @@ def test_interrupt_during_rollout_rolls_back_the_iteration(tiny, tmp_path):
     cut.score = score_then_signal
     assert cut.train()["status"] == "interrupted"
     assert [r["iteration"] for r in read_metrics(tmp_path / "cut")] == [0, 1]
-    resumed = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over), resume=tmp_path / "cut")
+    resumed = RLTrainer(tiny_config(tiny["policy"], tmp_path / "cut", **over), resume=tmp_path / "cut")
     resumed.train()
     assert _comparable(read_metrics(tmp_path / "full")) == _comparable(read_metrics(tmp_path / "cut"))
 
@@ -119,7 +119,7 @@ def _scored_batch(trainer, n=4):
 @pytest.mark.parametrize("kl_estimator", ["k1", "full"])
 def test_fused_and_eager_give_same_losses_and_gradients(tiny, tmp_path, kl_estimator):
     over = {"ppo.entropy_coef": 0.01, "ppo.kl_estimator": kl_estimator, "ppo.clip_eps": 0.02, "ppo.dual_clip": 3.0}
-    trainer = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "run", **over))
+    trainer = RLTrainer(tiny_config(tiny["policy"], tmp_path / "run", **over))
     trainer.critic.head.weight.data.normal_(0, 0.1)  # a critic that is not identically zero
     ro = _scored_batch(trainer)
     results = {}
@@ -149,7 +149,7 @@ def test_fused_and_eager_give_same_losses_and_gradients(tiny, tmp_path, kl_estim
 
 
 def test_gradient_accumulation_matches_one_big_minibatch(tiny, tmp_path):
-    trainer = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "run"))
+    trainer = RLTrainer(tiny_config(tiny["policy"], tmp_path / "run"))
     ro = _scored_batch(trainer)
     idx = torch.arange(len(ro))
     trainer.optimizer.zero_grad()
@@ -166,7 +166,7 @@ def test_gradient_accumulation_matches_one_big_minibatch(tiny, tmp_path):
 
 def test_nan_reward_skips_the_update(tiny, tmp_path):
     cfg = tiny_config(tiny["policy"], tmp_path / "run", **{"ppo.iterations": 1, "reward.sources": [{"spec": "ppo_tiny:nan_reward"}]})
-    trainer = PPOTrainer(cfg)
+    trainer = RLTrainer(cfg)
     before = _weights(trainer)
     trainer.train()
     row = read_metrics(tmp_path / "run")[-1]
@@ -177,7 +177,7 @@ def test_nan_reward_skips_the_update(tiny, tmp_path):
 
 
 def test_nan_loss_skips_the_step(tiny, tmp_path):
-    trainer = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "run", **{"ppo.minibatch_size": 4}))
+    trainer = RLTrainer(tiny_config(tiny["policy"], tmp_path / "run", **{"ppo.minibatch_size": 4}))
     ro = _scored_batch(trainer, n=8)
     ro.advantages[0, 0] = float("nan")  # poisons the one minibatch (of two) that holds row 0
     trainer.update(ro)
@@ -195,7 +195,7 @@ def test_nan_loss_skips_the_step(tiny, tmp_path):
 def test_option_paths_run(tiny, tmp_path, over):
     if over.get("reward.sources") == [{"spec": "RM"}]:
         over = dict(over, **{"reward.sources": [{"spec": tiny["rm_same"]}]})
-    trainer = PPOTrainer(tiny_config(tiny["policy"], tmp_path / "run", **(over | {"ppo.iterations": 1, "save_final_model": True})))
+    trainer = RLTrainer(tiny_config(tiny["policy"], tmp_path / "run", **(over | {"ppo.iterations": 1, "save_final_model": True})))
     result = trainer.train()
     assert result["status"] == "completed"
     assert math.isfinite(result["loss/total"]) and math.isfinite(result["eval/kl"])

@@ -6,7 +6,7 @@ from ppo_tiny import make_tiny_models, tiny_config
 
 from rlhf_fast.cli import main
 from rlhf_fast.errors import UserError
-from rlhf_fast.trainers.ppo import PPOTrainer
+from rlhf_fast.trainers.ppo import RLTrainer
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def tiny(tmp_path_factory):
 
 def _raises(cfg, match):
     with pytest.raises(UserError, match=match) as err:
-        PPOTrainer(cfg)
+        RLTrainer(cfg)
     assert "\n" not in str(err.value)
 
 

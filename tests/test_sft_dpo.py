@@ -176,15 +176,15 @@ def test_interrupted_sft_resumes_to_the_same_run(tiny, data, tmp_path):
     full = SFTTrainer(load_stage_config(SFTConfig, None, base(tiny, tmp_path / "full", **over)))
     full.train()
     cut = SFTTrainer(load_stage_config(SFTConfig, None, base(tiny, tmp_path / "cut", **over)))
-    step = cut.train_step
+    step = cut.run_unit
 
-    def step_then_signal(batch):
-        out = step(batch)
-        if cut.step == 1:  # the step counter moves after train_step: this is step 2
+    def step_then_signal(stop):
+        out = step(stop)
+        if cut.step == 1:  # the step counter moves after run_unit: this is step 2
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    cut.train_step = step_then_signal
+    cut.run_unit = step_then_signal
     assert cut.train()["status"] == "interrupted"
     resumed = SFTTrainer(load_stage_config(SFTConfig, None, base(tiny, tmp_path / "cut", **over)), resume=tmp_path / "cut")
     assert resumed.step == 2 and resumed.train()["status"] == "completed"

@@ -8,15 +8,17 @@ h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)] an
     ipo     (IPO, Azar et al. 2023 eq. 17):      (h - 1 / (2 beta))^2
 
 The reference log-probs are computed once, before training, with the initial policy (or
-``dpo.reference_model``), and cached in ``RUN_DIR/reference_logprobs.pt``: no reference model is kept in
-memory while training. Logged: the implicit rewards beta * (log pi - log pi_ref) of chosen and rejected,
-their accuracy (chosen > rejected) and margin.
+``dpo.reference_model``), and cached in ``RUN_DIR/reference_logprobs.pt`` under a key of the token ids and a
+content hash of the reference's weight files (new weights at the same path are recomputed, not served stale):
+no reference model is kept in memory while training. Logged: the implicit rewards beta * (log pi - log pi_ref)
+of chosen and rejected, their accuracy (chosen > rejected) and margin.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,25 @@ from .stage import (StageDataConfig, StageTrainer, TrainConfig, batch_tensors, c
                     report_data, token_logprobs, validate_common)
 
 LOSS_TYPES = ("sigmoid", "ipo")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what from_pretrained loads weights from
+
+
+def weights_digest(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
+    """sha256 (hex) of a model folder's ``config.json`` and weight files (``WEIGHT_SUFFIXES``, top level, sorted
+    by name; each file's name, size and bytes, read in ``chunk_bytes`` chunks): it changes whenever the weights
+    or the architecture do. Reads every weight byte once (about a second per GB). Raises UserError when the folder
+    holds no weight file."""
+    folder = Path(path)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"))
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+        raise UserError(f"{str(folder)!r}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to key the reference log-prob cache on")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + str(f.stat().st_size).encode() + b"\0")
+        with open(f, "rb") as stream:
+            while chunk := stream.read(chunk_bytes):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
@@ -176,8 +197,13 @@ class DPOTrainer(StageTrainer):
         self._fill(cache)
 
     def _cache_key(self) -> str:
-        """What the cached log-probs depend on: the token ids of every pair and the reference model."""
-        h = hashlib.sha256(str(self.cfg.dpo.reference_model or self.cfg.model.policy).encode())
+        """What the cached log-probs depend on: the token ids of every pair and the reference model's weights (a
+        content hash, not its path: a folder overwritten with new weights must not be served the old log-probs)."""
+        from ..models import resolve_model_path
+
+        ref = self.cfg.dpo.reference_model
+        path = resolve_model_path(ref, "dpo.reference_model") if ref else resolve_model_path(self.cfg.model.policy, "model.policy")
+        h = hashlib.sha256(weights_digest(path).encode())
         for split in (self.train_set, self.eval_set):
             h.update(json.dumps([[p.chosen_ids, p.chosen_labels, p.rejected_ids, p.rejected_labels] for p in split]).encode())
             h.update(b"|")

@@ -1,19 +1,24 @@
-"""PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022), one iteration at a time:
+"""The one RL loop for language models: PPO (Ziegler et al. 2019; Ouyang et al. 2022) and the critic-free
+policy-gradient family (GRPO, RLOO, REINFORCE, REINFORCE++, ReMax), with PPO epochs or a TRPO step. One iteration:
 
-1. rollout: sample a response per prompt (KV cache); tokens after EOS are masked out;
-2. score:   old log-probs, reference log-probs and values from backbone hidden states (``rlhf_fast.ops``
-            on the LM-head weight: no [tokens x vocab] logits), the sequence reward of each response;
-3. rewards: r_t = -kl_coef * KL_t, plus the score on the last token; GAE advantages, whitened;
-4. update:  ``ppo_epochs`` passes over shuffled minibatches (gradient accumulation over micro-batches) of
-            the clipped policy loss + vf_coef * clipped value loss (- entropy bonus), grad-norm clip, AdamW;
+1. rollout:    sample ``generation.n`` responses per prompt (KV cache); tokens after EOS are masked out;
+2. score:      old log-probs, reference log-probs (and values, with a critic) from backbone hidden states
+               (``rlhf_fast.ops`` on the LM-head weight: no [tokens x vocab] logits), each response's score;
+3. advantages: ``algorithm.adv_estimator``: gae (r_t = -kl_coef KL_t + score on the last token, critic
+               values, GAE, whitened), reinforce_pp (the same token rewards, discounted returns, whitened), or
+               an outcome estimator on the sequence score (grpo | rloo | reinforce | remax); the KL to the
+               reference goes in the reward or, with ``algorithm.kl_in: loss``, in the policy loss;
+4. update:     ``policy_update: ppo``: ``ppo_epochs`` passes over shuffled minibatches (gradient accumulation
+               over micro-batches) of the policy loss (ppo_clip | cispo | sapo, token or sequence ratio)
+               + vf_coef * clipped value loss (- entropy bonus), grad-norm clip, AdamW; ``trpo``: one
+               natural-gradient step in the ``max_kl`` trust region, the critic on its own AdamW steps;
 5. KL controller update, logging, evaluation, checkpoint.
 
-``PPOTrainer(config).train()`` runs it; ``rlhf-fast ppo --config ...`` is the same through the CLI.
+``RLTrainer(config).train()`` runs it; ``rlhf-fast rl --config ...`` (or ``rlhf-fast ppo``) is the same through the CLI.
 """
 from __future__ import annotations
 
 import math
-import random
 import resource
 import time
 from contextlib import nullcontext
@@ -24,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..checkpoint import StopRequest, resume_latest, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import StopRequest
 from ..config import Config, load_config, resume_config_path
 from ..data import PromptSampler, load_prompts
 from ..errors import UserError
@@ -33,8 +38,9 @@ from ..models import (add_lora, attn_implementation, backbone, bf16_enabled, bui
                       train_top_layers, unwrap)
 from ..rewards import CombinedReward
 from ..rollout import Rollout, RunningMoments, generate, token_rewards
-from ..tracking import Tracker
+from ..trust_region import make_fvp, trpo_step
 from .backend import get_backend
+from .loop import Loop, build_optimizer, resolve_device, seed_everything
 
 
 class KLController:
@@ -67,17 +73,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-class PPOTrainer:
+class RLTrainer(Loop):
+    """One unit of the loop (``trainers.loop``) is one RL iteration: :meth:`run_unit`."""
+
+    name = "rl"
+
     def __init__(self, config: Config, resume: str | Path | None = None, callbacks=()):
         self.cfg = cfg = config.validate()
         self.callbacks = list(callbacks)
         self.run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
+        self.device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        seed_everything(cfg.seed)
         self.backend = get_backend(cfg.kernels)
         self.bf16 = bf16_enabled(cfg.model.bf16, self.device)
 
@@ -88,8 +96,10 @@ class PPOTrainer:
         policy = load_causal_lm(path, attn_implementation(cfg.model.attn_implementation, self.device, self.bf16), self.device)
         disable_dropout(policy)
         self.data = load_prompts(cfg.data, self.tokenizer, cfg.generation.max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
-        self.critic = build_critic(policy, cfg.critic, self.tokenizer, self.reward_fn.reward_model_path, self.device)
-        disable_dropout(self.critic)
+        self.critic = None  # only GAE reads values: no value head, no critic memory for the other estimators
+        if cfg.needs_critic:
+            self.critic = build_critic(policy, cfg.critic, self.tokenizer, self.reward_fn.reward_model_path, self.device)
+            disable_dropout(self.critic)
         if cfg.model.lora.enabled:
             self.ref = None
             policy = add_lora(policy, cfg.model.lora)
@@ -107,35 +117,31 @@ class PPOTrainer:
         flag = cfg.model.compile
         self.policy_body = maybe_compile(backbone(policy), flag, self.device)
         self.ref_body = maybe_compile(backbone(self.ref), flag, self.device) if self.ref is not None else self.policy_body
-        self.critic_body = maybe_compile(self.critic.body, flag, self.device) if self.critic.body is not None else None
+        self.critic_body = maybe_compile(self.critic.body, flag, self.device) if self.critic is not None and self.critic.body is not None else None
 
-        # Optimizer over what trains: the policy (all weights, or the LoRA adapters) and the critic.
+        # Optimizer over what trains: the policy (all weights, or the LoRA adapters) and the critic. Under TRPO the
+        # policy moves by its natural-gradient step only: its parameters never get a gradient at an AdamW step.
         p = cfg.ppo
         self.policy_params = [q for q in policy.parameters() if q.requires_grad]
-        self.critic_params = [q for q in self.critic.parameters() if q.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": self.policy_params, "lr": p.lr}, {"params": self.critic_params, "lr": cfg.critic.lr or p.lr}],
-            betas=tuple(p.adam_betas), eps=p.adam_eps, weight_decay=p.weight_decay, fused=True,  # fused: CPU and CUDA
-        )
-        warmup = p.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.critic_params = [q for q in self.critic.parameters() if q.requires_grad] if self.critic is not None else []
+        if cfg.algorithm.policy_update == "trpo" and self.critic is not None and self.critic.body is None:
+            raise UserError("algorithm.policy_update=trpo steps the policy alone: a critic on the policy's backbone would move it "
+                            "too; set critic.share_backbone=false")
+        groups = [{"params": self.policy_params, "lr": p.lr}]
+        if self.critic_params:
+            groups.append({"params": self.critic_params, "lr": cfg.critic.lr or p.lr})
+        steps_per_update = p.ppo_epochs * math.ceil(p.batch_size * cfg.generation.n / p.minibatch_size)
+        self.optimizer, self.scheduler = build_optimizer(
+            groups, lr=p.lr, adam_betas=p.adam_betas, adam_eps=p.adam_eps, weight_decay=p.weight_decay, lr_schedule=p.lr_schedule,
+            warmup_steps=p.warmup_steps, total_steps=p.iterations * steps_per_update)
         self.kl_ctl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
         self.score_moments = RunningMoments()
         self.sampler = PromptSampler(len(self.data.train), p.batch_size, cfg.seed)
-        self.iteration, self.global_step = 0, 0
-        self.skipped_updates, self.skipped_steps = 0, 0
-        self.evaluated_initial = False
-
-        resume_iteration = None
-        if resume is not None:
-            state, ckpt = resume_latest(self.run_dir, self._trainable_modules(), self.optimizer, self.scheduler)
-            self._load_state(state)
-            resume_iteration = self.iteration
-            print(f"resumed from {ckpt} (iteration {self.iteration})", flush=True)
-        self.tracker = Tracker(self.run_dir, resume_iteration, config=cfg)
+        self.skipped_updates = 0
+        self.start(p.iterations, cfg.eval.every, resume)
 
     @classmethod
-    def from_cli(cls, config_path: str | None, overrides: list[str], resume: str | None) -> "PPOTrainer":
+    def from_cli(cls, config_path: str | None, overrides: list[str], resume: str | None) -> "RLTrainer":
         """The CLI's constructor: a resumed run reads its own config.yaml (overrides still apply)."""
         return cls(load_config(resume_config_path(config_path, resume), overrides), resume=resume)
 
@@ -166,7 +172,9 @@ class PPOTrainer:
                 return self.response_hidden(self.policy_body, ro)
         return self.response_hidden(self.ref_body, ro)
 
-    def values(self, policy_hidden: Tensor, ro: Rollout) -> Tensor:
+    def values(self, policy_hidden: Tensor, ro: Rollout) -> Tensor | None:
+        if self.critic is None:
+            return None
         h = policy_hidden if self.critic_body is None else self.response_hidden(self.critic_body, ro)
         with self.fp32():
             return self.critic.values(h)
@@ -175,7 +183,7 @@ class PPOTrainer:
 
     @torch.no_grad()
     def score(self, ro: Rollout) -> None:
-        """Fill ro.logprobs, ro.ref_logprobs, ro.values and ro.kl (per token, zero outside the response)."""
+        """Fill ro.logprobs, ro.ref_logprobs, ro.kl and, with a critic, ro.values (per token, zero outside the response)."""
         cfg, temp = self.cfg, self.cfg.generation.temperature
         weight = self.head_weight(self.policy)
         ref_weight = weight if self.ref is None else self.head_weight(self.ref)
@@ -194,48 +202,76 @@ class PPOTrainer:
                     kl = self.backend.kl_penalty(lp, ref_lp, cfg.ppo.kl_estimator)
             parts["logprobs"].append(lp)
             parts["ref_logprobs"].append(ref_lp)
-            parts["values"].append(self.values(h, mb))
+            if self.critic is not None:
+                parts["values"].append(self.values(h, mb))
             parts["kl"].append(torch.where(mask, kl, 0.0))
         for k, v in parts.items():
-            setattr(ro, k, torch.cat(v))
+            setattr(ro, k, torch.cat(v) if v else None)
 
     def sequence_scores(self, ro: Rollout) -> tuple[Tensor, dict[str, float]]:
         """Rewards of the responses, then EOS penalty, clipping and normalisation; raw terms for logging."""
-        rcfg = self.cfg.reward
-        raw, terms = self.reward_fn(ro.prompts, ro.responses)
+        raw, terms = self.reward_fn(ro.prompts, ro.responses, ro.messages)
         stats = {"reward/mean": raw.mean().item(), "reward/std": raw.std().item() if len(raw) > 1 else 0.0}
         if len(terms) > 1:
             stats |= {f"reward/{k}": v.mean().item() for k, v in terms.items()}
+        ro.extras["raw_scores"] = raw
+        return self.shape_scores(raw, ro.no_eos, update_moments=True), stats
+
+    def shape_scores(self, raw: Tensor, no_eos: Tensor, update_moments: bool = False) -> Tensor:
+        """EOS penalty, clipping and normalisation (the running moments move with sampled scores only)."""
+        rcfg = self.cfg.reward
         scores = raw.clone()
         if rcfg.missing_eos_penalty:
-            scores = torch.where(ro.no_eos.cpu(), scores - rcfg.missing_eos_penalty, scores)
+            scores = torch.where(no_eos.cpu(), scores - rcfg.missing_eos_penalty, scores)
         if rcfg.clip is not None:
             scores = scores.clamp(-rcfg.clip, rcfg.clip)
         if rcfg.normalize and bool(torch.isfinite(scores).all()):
-            self.score_moments.update(scores)
+            if update_moments:
+                self.score_moments.update(scores)
             scores = (scores - self.score_moments.mean) / self.score_moments.std
-        ro.extras["raw_scores"] = raw
-        return scores.to(self.device), stats
+        return scores.to(self.device)
+
+    @torch.no_grad()
+    def greedy_scores(self, prompts: list) -> Tensor:
+        """ReMax's baseline (Li et al. 2023, eq. 6): the shaped score of each prompt's greedy response."""
+        ro = generate(self.policy, self.tokenizer, prompts, self.cfg.generation, self.eos_ids, self.device, self.autocast, greedy=True)
+        raw, _ = self.reward_fn(ro.prompts, ro.responses, ro.messages)
+        return self.shape_scores(raw, ro.no_eos)
 
     # ------------------------------------------------------------------------------------------ the loss
 
     def compute_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
-        """PPO loss of one micro-batch: clipped policy loss (- entropy bonus) + vf_coef * clipped value loss."""
-        p = self.cfg.ppo
+        """Loss of one micro-batch: policy loss (- entropy bonus, + in-loss KL) + vf_coef * clipped value loss (with a critic)."""
+        p, a = self.cfg.ppo, self.cfg.algorithm
         weight = self.head_weight(self.policy)
         mask = mb.response_mask
         h = self.response_hidden(self.policy_body, mb)
+        kl_in_loss = a.kl_in == "loss" and self.kl_ctl.value > 0
         with self.fp32():
             pg_loss, stats = self.backend.policy_loss(
                 h, weight, mb.labels, mb.logprobs, mb.advantages, mask, clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
-                dual_clip=p.dual_clip, entropy_coef=p.entropy_coef, temperature=self.cfg.generation.temperature, loss_agg=p.loss_agg)
-        values = self.values(h, mb)
-        vf_loss, vstats = ops.ppo_value_loss(values, mb.values, mb.returns, mask, clip_eps=p.vf_clip_eps, loss_agg=p.loss_agg)
-        loss = pg_loss + p.vf_coef * vf_loss
-        out = {k: stats[k] for k in ("clipfrac", "approx_kl", "ratio_mean", "entropy")}
-        out |= {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "value/clipfrac": vstats["vf_clipfrac"],
-                "loss/total": loss.detach()}
+                dual_clip=p.dual_clip, entropy_coef=p.entropy_coef, temperature=self.cfg.generation.temperature, loss_agg=p.loss_agg,
+                policy_loss=a.policy_loss, importance_ratio=a.importance_ratio, loss_norm_length=a.loss_norm_length,
+                sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg,
+                **(dict(ref_logprobs=mb.ref_logprobs, kl_coef=self.kl_ctl.value, kl_estimator=p.kl_estimator,
+                        kl_log_ratio_clip=a.kl_log_ratio_clip) if kl_in_loss else {}))
+        out = {k: stats[k] for k in ("clipfrac", "approx_kl", "ratio_mean", "entropy") if k in stats}
+        if kl_in_loss:
+            out["loss/kl"] = stats["kl"]
+        out["loss/policy"] = pg_loss.detach()
+        loss = pg_loss
+        if self.critic is not None:
+            values = self.values(h, mb)
+            vf_loss, vstats = ops.ppo_value_loss(values, mb.values, mb.returns, mask, clip_eps=p.vf_clip_eps, loss_agg=p.loss_agg)
+            loss = pg_loss + p.vf_coef * vf_loss
+            out |= {"loss/value": vf_loss.detach(), "value/clipfrac": vstats["vf_clipfrac"]}
+        out["loss/total"] = loss.detach()
         return loss, out
+
+    def set_train(self, mode: bool) -> None:
+        for m in (self.policy, self.critic):
+            if m is not None:
+                m.train(mode)
 
     def _micro_weight(self, micro: Tensor, minibatch: Tensor, mask: Tensor) -> float:
         """Share of the minibatch loss this micro-batch carries, so accumulated gradients equal the minibatch's."""
@@ -246,68 +282,161 @@ class PPOTrainer:
     def update(self, ro: Rollout) -> dict[str, float]:
         """ppo_epochs x shuffled minibatches; an optimizer step per minibatch, skipped on a non-finite loss/gradient."""
         p = self.cfg.ppo
-        params = self.policy_params + self.critic_params
-        sums, total_w = {}, 0.0
-        grad_norms = []
+        sums, total_w, grad_norms = {}, 0.0, []
         mask = ro.response_mask.cpu()  # micro-batch weights index it with CPU permutations: copied once per update
-        self.policy.train()
-        self.critic.train()
+        self.set_train(True)
         for _ in range(p.ppo_epochs):
             perm = torch.randperm(len(ro))
             for minibatch in _chunks(perm, p.minibatch_size):
-                self.optimizer.zero_grad(set_to_none=True)
-                finite = True
-                for micro in _chunks(minibatch, p.micro_batch_size):
-                    w = self._micro_weight(micro, minibatch, mask)
-                    loss, stats = self.compute_loss(ro.select(micro))
-                    if not bool(torch.isfinite(loss)):
-                        finite = False
-                        break
-                    (loss * w).backward()
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + w * float(v)
-                    total_w += w
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm) if finite else torch.tensor(float("nan"))
-                if finite and bool(torch.isfinite(grad_norm)):
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.global_step += 1
-                    grad_norms.append(float(grad_norm))
-                else:  # never step on NaN/inf: drop this minibatch's gradient
-                    self.skipped_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-        self.policy.eval()
-        self.critic.eval()
+                micro_batches = [(self._micro_weight(micro, minibatch, mask), lambda micro=micro: self.compute_loss(ro.select(micro)))
+                                 for micro in _chunks(minibatch, p.micro_batch_size)]
+                step_sums, step_w, grad_norm = self.optimizer_step(micro_batches, self.policy_params + self.critic_params, p.max_grad_norm)
+                for k, v in step_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                total_w += step_w
+                if math.isfinite(grad_norm):
+                    grad_norms.append(grad_norm)
+        self.set_train(False)
         out = {k: v / max(total_w, 1e-12) for k, v in sums.items()}
         out = {("policy/" + k if "/" not in k else k): v for k, v in out.items()}
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
         return out
 
+    def trpo_update(self, ro: Rollout) -> dict[str, float]:
+        """One TRPO step of the policy on the whole rollout (Schulman et al. 2015, app. C), then the critic's epochs.
+
+        Surrogate (minimised): -masked_mean(ratio * A) (- entropy bonus, + in-loss KL), ratio = pi / pi_old. The
+        trust region is the mean over response tokens of the exact KL(pi_old || pi) over the vocabulary
+        (``ops.linear_kl``); its Fisher-vector products come from ``trust_region.make_fvp`` (double-vjp through the
+        uncompiled trunk, ``ops.linear_fisher_product`` at the head). Head math in fp32 (the head weight is a leaf,
+        so a trainable tied head enters F exactly); no micro-batching: the rollout is one batch.
+        """
+        cfg, a, p = self.cfg, self.cfg.algorithm, self.cfg.ppo
+        temp, mask, labels = cfg.generation.temperature, ro.response_mask, ro.labels
+        body, weight = backbone(self.policy), lm_head(self.policy)[0]
+
+        def hidden() -> Tensor:
+            with self.autocast():
+                h = hidden_states(body, ro.input_ids, ro.attention_mask)
+            return h[:, ro.prompt_len - 1: -1].float()
+
+        def surrogate() -> Tensor:
+            lp, ent = self.backend.logprobs(hidden(), weight, labels, temp, return_entropy=True)
+            loss = -ops.masked_mean(torch.exp((lp - ro.logprobs).clamp(max=20.0)) * ro.advantages, mask)
+            if p.entropy_coef:
+                loss = loss - p.entropy_coef * ops.masked_mean(ent, mask)
+            if a.kl_in == "loss" and self.kl_ctl.value > 0:
+                kl = ops.kl_penalty(lp, ro.ref_logprobs, p.kl_estimator, log_ratio_clip=a.kl_log_ratio_clip)
+                loss = loss + self.kl_ctl.value * ops.masked_mean(kl, mask)
+            return loss
+
+        with torch.no_grad():
+            h_old = hidden()
+
+        def mean_kl() -> Tensor:  # KL(pi_old || pi_theta): linear_kl's first argument is the distribution sampled
+            return ops.masked_mean(self.backend.kl(h_old, weight, hidden(), weight, labels, temp), mask)
+
+        self.set_train(True)
+        fvp = make_fvp(self.policy_params, hidden, weight, mask, temperature=temp, damping=a.cg_damping)
+        try:
+            out = trpo_step(self.policy_params, surrogate, mean_kl, fvp, max_kl=a.max_kl, cg_iters=a.cg_iters,
+                            backtrack_ratio=a.backtrack_ratio, max_backtracks=a.max_backtracks)
+        except FloatingPointError:  # a non-finite surrogate or gradient: no step, as the PPO update skips one
+            self.skipped_steps += 1
+            out = {"accepted": False}
+        del fvp  # frees the double-backward graph
+        metrics = {f"trpo/{k}": float(v) for k, v in out.items()}
+        if self.critic is not None:  # the value function on its own AdamW steps (the policy gets no gradient there)
+            for _ in range(a.vf_epochs):
+                for minibatch in _chunks(torch.randperm(len(ro)), p.minibatch_size):
+                    micro_batches = [(len(micro) / len(minibatch), lambda micro=micro: self.value_loss(ro.select(micro)))
+                                     for micro in _chunks(minibatch, p.micro_batch_size)]
+                    sums, w, _ = self.optimizer_step(micro_batches, self.critic_params, p.max_grad_norm)
+                    metrics |= {k: v / max(w, 1e-12) for k, v in sums.items()}
+        self.set_train(False)
+        return metrics
+
+    def value_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
+        p = self.cfg.ppo
+        with torch.no_grad():
+            h = self.response_hidden(self.policy_body, mb) if self.critic_body is None else None
+        loss, stats = ops.ppo_value_loss(self.values(h, mb), mb.values, mb.returns, mb.response_mask, clip_eps=p.vf_clip_eps,
+                                         loss_agg=p.loss_agg)
+        return loss, {"loss/value": loss.detach(), "value/clipfrac": stats["vf_clipfrac"]}
+
+    # ------------------------------------------------------------------------------------------ advantages
+
+    def filter_groups(self, ro: Rollout, scores: Tensor) -> tuple[Rollout, float]:
+        """DAPO's dynamic sampling (Yu et al. 2025, eq. 11): groups whose scores are all equal have zero advantage
+        under every group estimator, so they are dropped before the update (not resampled). Returns the rows
+        kept (``extras["rows"]``: their indices in ``ro``) and the fraction of groups kept."""
+        rows = torch.arange(len(ro), device=self.device)
+        if not self.cfg.algorithm.dynamic_sampling:
+            kept, frac = ro, 1.0
+        else:
+            _, inverse = torch.unique(ro.group_ids, return_inverse=True)
+            lo = torch.full((int(inverse.max()) + 1,), float("inf"), device=self.device).scatter_reduce(0, inverse, scores, "amin")
+            hi = torch.full_like(lo, float("-inf")).scatter_reduce(0, inverse, scores, "amax")
+            varied = hi > lo
+            rows = rows[varied[inverse]]
+            kept, frac = ro.select(rows), float(varied.float().mean())
+        kept.extras = dict(ro.extras, rows=rows)
+        return kept, frac
+
+    def advantages(self, ro: Rollout, scores: Tensor) -> None:
+        """ro.advantages (and ro.rewards / ro.returns where the estimator has them) from the shaped scores."""
+        a, p, mask = self.cfg.algorithm, self.cfg.ppo, ro.response_mask
+        beta = self.kl_ctl.value if a.kl_in == "reward" else 0.0
+        if a.adv_estimator in ("gae", "reinforce_pp"):
+            ro.rewards = token_rewards(scores, ro.kl, mask, beta)
+            if a.adv_estimator == "gae":
+                ro.advantages, ro.returns = self.backend.gae(ro.rewards, ro.values, mask, p.gamma, p.lam)
+                if p.whiten_advantages and int(mask.sum()) > 1:
+                    ro.advantages = ops.masked_whiten(ro.advantages, mask)
+            else:
+                ro.advantages = ops.reinforce_pp_advantages(ro.rewards, mask, gamma=p.gamma)
+            return
+        # Outcome estimators: one advantage per response, on its score less the priced KL of the whole response.
+        seq = scores - beta * ro.kl.sum(-1)
+        baseline = ro.extras.get("baseline_scores")
+        if baseline is not None:
+            baseline = baseline[ro.extras["rows"]]
+        extra = {"baseline": a.reinforce_baseline} if a.adv_estimator == "reinforce" else {}
+        adv = ops.outcome_advantages(seq, ro.group_ids, estimator=a.adv_estimator, norm_adv_by_std=a.norm_adv_by_std,
+                                     baseline_scores=baseline, **extra)
+        ro.advantages = torch.where(mask, adv.unsqueeze(-1), 0.0)
+
     # ------------------------------------------------------------------------------------------ iteration
 
-    def step(self, stop: StopRequest) -> dict[str, float] | None:
-        """One PPO iteration; None when a stop was requested before the update (the caller rolls it back)."""
-        cfg, p = self.cfg, self.cfg.ppo
+    def run_unit(self, stop: StopRequest) -> dict[str, float] | None:
+        """One iteration; None when a stop was requested before the update (the caller rolls it back)."""
+        cfg, n = self.cfg, self.cfg.generation.n
         t0 = time.perf_counter()
-        prompts = [self.data.train[i] for i in self.sampler.next_batch()]
-        ro = generate(self.policy, self.tokenizer, prompts, cfg.generation, self.eos_ids, self.device, self.autocast)
+        batch = [self.data.train[i] for i in self.sampler.next_batch()]
+        ro = generate(self.policy, self.tokenizer, [q for q in batch for _ in range(n)], cfg.generation, self.eos_ids, self.device,
+                      self.autocast)
+        ro.group_ids = torch.arange(len(batch), device=self.device).repeat_interleave(n)
         t_gen = time.perf_counter()
         self.score(ro)
         scores, metrics = self.sequence_scores(ro)
+        if cfg.algorithm.adv_estimator == "remax":
+            ro.extras["baseline_scores"] = self.greedy_scores(batch).repeat_interleave(n)
         t_score = time.perf_counter()
         if stop.requested:
             return None
         mask = ro.response_mask
         kl_seq = ro.kl.sum(-1)
-        finite = all(bool(torch.isfinite(x[mask]).all()) for x in (ro.logprobs, ro.ref_logprobs, ro.values, ro.kl)) and bool(torch.isfinite(scores).all())
+        tensors = [x for x in (ro.logprobs, ro.ref_logprobs, ro.values, ro.kl) if x is not None]
+        finite = all(bool(torch.isfinite(x[mask]).all()) for x in tensors) and bool(torch.isfinite(scores).all())
         if finite:
-            ro.rewards = token_rewards(scores, ro.kl, mask, self.kl_ctl.value)
-            ro.advantages, ro.returns = self.backend.gae(ro.rewards, ro.values, mask, p.gamma, p.lam)
-            if p.whiten_advantages and int(mask.sum()) > 1:
-                ro.advantages = ops.masked_whiten(ro.advantages, mask)
-            metrics |= self.update(ro)
-            metrics["value/explained_variance"] = explained_variance(ro.values, ro.returns, mask)
-            metrics["value/mean"] = float(ops.masked_mean(ro.values, mask))
+            train_ro, metrics["groups/kept_frac"] = self.filter_groups(ro, scores)
+            if len(train_ro):
+                self.advantages(train_ro, scores[train_ro.extras["rows"]])
+                metrics |= self.update(train_ro) if cfg.algorithm.policy_update == "ppo" else self.trpo_update(train_ro)
+                if self.critic is not None:
+                    m = train_ro.response_mask
+                    metrics["value/explained_variance"] = explained_variance(train_ro.values, train_ro.returns, m)
+                    metrics["value/mean"] = float(ops.masked_mean(train_ro.values, m))
         else:  # a NaN/inf reward, log-prob or value: no update from this batch
             self.skipped_updates += 1
             print(f"iteration {self.iteration + 1}: non-finite rewards/log-probs/values, update skipped "
@@ -358,7 +487,7 @@ class PPOTrainer:
             for s in range(0, len(prompts), ecfg.batch_size):
                 ro = generate(self.policy, self.tokenizer, prompts[s:s + ecfg.batch_size], cfg.generation, self.eos_ids, self.device,
                               self.autocast, temperature=temp)
-                raw, _ = self.reward_fn(ro.prompts, ro.responses)
+                raw, _ = self.reward_fn(ro.prompts, ro.responses, ro.messages)
                 rewards.append(raw)
                 for idx in _chunks(torch.arange(len(ro)), cfg.ppo.micro_batch_size):
                     mb = ro.select(idx)
@@ -374,74 +503,25 @@ class PPOTrainer:
                 "eval/kl": float(torch.cat(kls).mean()), "eval/response_length": float(torch.cat(lengths).mean()),
                 "time/eval": time.perf_counter() - t0}
 
-    # ------------------------------------------------------------------------------------------ the loop
+    def initial_metrics(self) -> dict[str, float]:
+        return self.evaluate() if self.data.eval else {}
 
-    def train(self) -> dict:
-        """Run to ``ppo.iterations``, or until SIGINT/SIGTERM (which checkpoints at the next iteration boundary).
-
-        Returns the last iteration's metrics (with the final evaluation when completed) plus ``status``
-        ("completed" | "interrupted") and ``iteration``."""
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        n_iter, last = cfg.ppo.iterations, {}
-        with StopRequest() as stop, tqdm(total=n_iter, initial=self.iteration, desc="ppo", disable=not cfg.progress_bar,
-                                         dynamic_ncols=True) as bar:
-            if not self.evaluated_initial and self.data.eval:
-                initial = self.evaluate()
-                self.tracker.log(0, initial)
-                bar.write(f"initial eval reward {initial['eval/reward']:.3f}")
-            self.evaluated_initial = True
-            while self.iteration < n_iter and not stop.requested:
-                snapshot = (rng_state(), self.sampler.state_dict())
-                metrics = self.step(stop)
-                if metrics is None:  # stopped mid-iteration before any weight changed: undo it, so resume redoes it
-                    set_rng_state(snapshot[0])
-                    self.sampler.load_state_dict(snapshot[1])
-                    break
-                self.iteration += 1
-                it = self.iteration
-                if (cfg.eval.every and it % cfg.eval.every == 0) or it == n_iter:
-                    metrics |= self.evaluate()
-                self.tracker.log(it, metrics)
-                last = metrics
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.3f}",
-                                **({"eval": f"{metrics['eval/reward']:.3f}"} if "eval/reward" in metrics else {}))
-                if it % cfg.save_every == 0 or it == n_iter:
-                    self.save()
-                for cb in self.callbacks:
-                    cb(self, it, metrics)
-            status = "completed" if self.iteration >= n_iter else "interrupted"
-            if status == "interrupted":
-                path = self.save()
-                bar.write(f"stopped by {stop.requested}; checkpoint at {path} (resume with --resume {self.run_dir})")
-        if status == "completed" and cfg.save_final_model:
-            self.save_final_model()
-        self.tracker.close()
-        return dict(last, status=status, iteration=self.iteration)
+    def postfix(self, metrics: dict) -> dict[str, str]:
+        out = {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl']:.3f}"}
+        return out | ({"eval": f"{metrics['eval/reward']:.3f}"} if "eval/reward" in metrics else {})
 
     # ------------------------------------------------------------------------------------------ state
 
-    def _trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return {"policy": self.policy, "critic": self.critic}
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.policy} | ({"critic": self.critic} if self.critic is not None else {})
 
-    def _state(self) -> dict:
-        return {"global_step": self.global_step, "kl_coef": self.kl_ctl.value, "sampler": self.sampler.state_dict(),
-                "score_moments": self.score_moments.state_dict(), "skipped_updates": self.skipped_updates,
-                "skipped_steps": self.skipped_steps, "evaluated_initial": self.evaluated_initial}
+    def extra_state(self) -> dict:
+        return {"kl_coef": self.kl_ctl.value, "score_moments": self.score_moments.state_dict(), "skipped_updates": self.skipped_updates}
 
-    def _load_state(self, s: dict) -> None:
-        self.iteration, self.global_step = int(s["iteration"]), int(s["global_step"])
+    def load_extra_state(self, s: dict) -> None:
         self.kl_ctl.value = float(s["kl_coef"])
-        self.sampler.load_state_dict(s["sampler"])
         self.score_moments.load_state_dict(s["score_moments"])
-        self.skipped_updates, self.skipped_steps = int(s["skipped_updates"]), int(s["skipped_steps"])
-        self.evaluated_initial = bool(s["evaluated_initial"])
-
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.iteration, self._trainable_modules(), self.optimizer, self.scheduler,
-                               self._state(), keep=self.cfg.keep_checkpoints)
+        self.skipped_updates = int(s["skipped_updates"])
 
     def save_final_model(self) -> Path:
         """The policy as a Hugging Face folder (a LoRA adapter when LoRA is on) plus the tokenizer."""
@@ -449,6 +529,4 @@ class PPOTrainer:
         (self.policy if self.cfg.model.lora.enabled else unwrap(self.policy)).save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         return out
-
-
 

@@ -1,37 +1,32 @@
-"""What the supervised stages (reward model, SFT, DPO) share: config loading, the step loop, checkpoints.
+"""What the supervised stages (reward model, SFT, DPO) share: config, tokens, and their unit of the one loop.
 
-A stage's config is a dataclass tree like the PPO trainer's (``rlhf_fast.config``): YAML, then
-``--section.key=value`` overrides, unknown keys rejected with the valid ones listed. Unlike
-``config.load_config`` a YAML section here only overrides the keys it names, so a stage whose nested defaults
-differ from the PPO defaults (the pipeline's embedded PPO config) keeps them.
+A stage's config is a dataclass tree like the PPO trainer's, loaded the same way (``config.load_structured``:
+YAML, then ``--section.key=value`` overrides, unknown keys rejected with the valid ones listed). A YAML section
+only overrides the keys it names, so a stage whose nested defaults differ from the PPO defaults (the pipeline's
+embedded PPO config) keeps them.
 
-The loop: ``train.batch_size`` examples per optimizer step (gradient accumulation over
-``train.micro_batch_size``), AdamW, a ``transformers`` LR schedule, grad-norm clipping, a skipped step on a
-non-finite loss or gradient, evaluation before / every ``train.eval_every`` steps / after training,
-checkpoints that resume exactly (``rlhf_fast.checkpoint``), metrics.jsonl + TensorBoard (``rlhf_fast.tracking``).
+The loop is the RL trainer's (``trainers.loop``); a stage's unit is one optimizer step on ``train.batch_size``
+examples (gradient accumulation over ``train.micro_batch_size``), AdamW with a ``transformers`` LR schedule,
+evaluation before / every ``train.eval_every`` steps / after training.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import StopRequest, resume_latest, save_checkpoint
-from ..config import apply_override, parse_overrides, read_yaml, resume_config_path
+from ..config import LR_SCHEDULES, load_structured, resume_config_path
 from ..data import PromptSampler
 from ..errors import UserError
 from ..preference_data import Messages
+from .loop import Loop, build_optimizer, resolve_device, seed_everything  # noqa: F401 (re-exported)
 
 IGNORE_INDEX = -100
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -91,48 +86,17 @@ def validate_common(cfg) -> None:
         raise UserError(f"train.max_steps: must be >= 1 or null, got {t.max_steps}")
     if t.epochs <= 0 or t.lr <= 0 or t.weight_decay < 0 or t.max_grad_norm <= 0:
         raise UserError("train.epochs, train.lr and train.max_grad_norm must be > 0, train.weight_decay >= 0")
-    if t.lr_schedule not in SCHEDULES:
-        raise UserError(f"train.lr_schedule: expected one of {', '.join(SCHEDULES)}, got {t.lr_schedule!r}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"train.lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     if len(t.adam_betas) != 2:
         raise UserError(f"train.adam_betas: expected two numbers, got {t.adam_betas}")
     if not 0 <= d.eval_fraction < 1:
         raise UserError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
 
 
-def _apply_tree(root, obj, data: dict, prefix: str) -> None:
-    for key, value in data.items():
-        child = getattr(obj, key, None) if isinstance(key, str) and key in {f.name for f in dataclasses.fields(obj)} else None
-        if isinstance(value, dict) and dataclasses.is_dataclass(child):
-            _apply_tree(root, child, value, f"{prefix}{key}.")
-        else:
-            apply_override(root, f"{prefix}{key}", value)  # unknown keys and wrong types raise UserError here
-
-
 def load_stage_config(cls, path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None):
     """The validated ``cls()`` with the YAML file's keys and then the overrides applied (each key checked)."""
-    cfg = cls()
-    if path is not None:
-        data = read_yaml(path)
-        _apply_tree(cfg, cfg, data, "")
-    pairs = parse_overrides(overrides) if isinstance(overrides, list) else list((overrides or {}).items())
-    for key, value in pairs:
-        apply_override(cfg, key, value)
-    return cfg.validate()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+    return load_structured(cls, path, overrides).validate()
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -209,11 +173,13 @@ def batch_tensors(ids: list[list[int]], labels: list[list[int]] | None, pad_id: 
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-class StageTrainer:
+class StageTrainer(Loop):
     """Subclasses set ``name`` and implement ``setup`` (models, ``train_set``, ``eval_set``, ``modules``),
-    ``compute_loss(examples) -> (loss, stats)``, ``evaluate() -> metrics`` and ``save_final_model() -> Path``."""
+    ``compute_loss(examples) -> (loss, stats)``, ``evaluate() -> metrics`` and ``save_final_model() -> Path``.
+    A unit of the loop (``trainers.loop``) is one optimizer step on ``train.batch_size`` examples."""
 
     name = "stage"
+    unit = "step"
     config_class: type = None
 
     def __init__(self, config, resume: str | Path | None = None):
@@ -229,31 +195,22 @@ class StageTrainer:
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         if not self.params:
             raise UserError(f"{self.name}: nothing to train (every parameter is frozen)")
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay)
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(self.train_set) / t.batch_size))
-        from transformers import get_scheduler
-
-        self.scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.warmup_steps,
-                                       num_training_steps=self.total_steps)
+        total = t.max_steps or max(1, math.ceil(t.epochs * len(self.train_set) / t.batch_size))
+        self.optimizer, self.scheduler = build_optimizer(
+            [{"params": self.params}], lr=t.lr, adam_betas=t.adam_betas, adam_eps=t.adam_eps, weight_decay=t.weight_decay,
+            lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=total)
         self.sampler = PromptSampler(len(self.train_set), t.batch_size, cfg.seed)
-        self.step, self.skipped_steps, self.evaluated_initial = 0, 0, False
-        resume_step = None
-        if resume is not None:
-            state, ckpt = resume_latest(self.run_dir, self.modules, self.optimizer, self.scheduler)
-            self.step, self.skipped_steps = int(state["iteration"]), int(state["skipped_steps"])
-            self.evaluated_initial = bool(state["evaluated_initial"])
-            self.sampler.load_state_dict(state["sampler"])
-            resume_step = self.step
-            print(f"resumed from {ckpt} (step {self.step})", flush=True)
-        from ..tracking import Tracker
-
-        self.tracker = Tracker(self.run_dir, resume_step, config=cfg)
+        self.start(total, t.eval_every, resume)
 
     @classmethod
     def from_cli(cls, config_path: str | None, overrides: list[str], resume: str | None):
         """The CLI's constructor: a resumed run reads its own config.yaml (overrides still apply)."""
         return cls(load_stage_config(cls.config_class, resume_config_path(config_path, resume), overrides), resume=resume)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (the loop's unit counter)."""
+        return self.iteration
 
     # -------------------------------------------------------------------------------------- hooks
 
@@ -263,11 +220,14 @@ class StageTrainer:
     def compute_loss(self, examples: list) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def evaluate(self) -> dict[str, float]:
-        return {}
+    def initial_metrics(self) -> dict[str, float]:
+        return self.data_stats | self.evaluate()
 
-    def save_final_model(self) -> Path:
-        raise NotImplementedError
+    def postfix(self, metrics: dict) -> dict[str, str]:
+        return {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        return self.modules
 
     def micro_weights(self, micros: list[list]) -> list[float]:
         """Each micro-batch's share of the step's loss (a mean over examples by default)."""
@@ -298,70 +258,17 @@ class StageTrainer:
         for m in self.modules.values():
             m.train(mode)
 
-    # -------------------------------------------------------------------------------------- step
+    # -------------------------------------------------------------------------------------- a unit
 
-    def train_step(self, examples: list) -> dict[str, float]:
+    def run_unit(self, stop) -> dict[str, float]:
+        examples = [self.train_set[i] for i in self.sampler.next_batch()]
         t = self.cfg.train
-        self.set_train(True)
-        self.optimizer.zero_grad(set_to_none=True)
         micros = [examples[s:s + t.micro_batch_size] for s in range(0, len(examples), t.micro_batch_size)]
-        sums, finite = {}, True
-        for micro, w in zip(micros, self.micro_weights(micros)):
-            loss, stats = self.compute_loss(micro)
-            if not bool(torch.isfinite(loss)):
-                finite = False
-                break
-            (loss * w).backward()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + w * float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm) if finite else torch.tensor(float("nan"))
-        if finite and bool(torch.isfinite(grad_norm)):
-            self.optimizer.step()
-            self.scheduler.step()
-        else:  # never step on NaN/inf
-            self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        self.set_train(True)
+        sums, _, grad_norm = self.optimizer_step(
+            [(w, lambda m=m: self.compute_loss(m)) for m, w in zip(micros, self.micro_weights(micros))], self.params, t.max_grad_norm)
         self.set_train(False)
-        return sums | {"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped_steps}
-
-    def train(self) -> dict:
-        """Run to ``total_steps`` (or until SIGINT/SIGTERM, which checkpoints). Returns the last metrics with
-        ``status`` ("completed" / "interrupted") and ``step``."""
-        from tqdm.auto import tqdm
-
-        cfg, last = self.cfg, {}
-        with StopRequest() as stop, tqdm(total=self.total_steps, initial=self.step, desc=self.name, disable=not cfg.progress_bar,
-                                         dynamic_ncols=True) as bar:
-            if not self.evaluated_initial:
-                self.tracker.log(0, self.data_stats | self.evaluate())
-                self.evaluated_initial = True
-            while self.step < self.total_steps and not stop.requested:
-                batch = [self.train_set[i] for i in self.sampler.next_batch()]
-                metrics = self.train_step(batch)
-                self.step += 1
-                every = cfg.train.eval_every
-                if (every and self.step % every == 0) or self.step == self.total_steps:
-                    metrics |= self.evaluate()
-                self.tracker.log(self.step, metrics)
-                last = metrics
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
-                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
-                    self.save()
-            status = "interrupted" if stop.requested else "completed"
-            if stop.requested:
-                path = self.save()
-                bar.write(f"stopped by {stop.requested}; checkpoint at {path} (resume with --resume {self.run_dir})")
-        if status == "completed" and cfg.save_final_model:
-            print(f"{self.name}: final model in {self.save_final_model()}", flush=True)
-        self.tracker.close()
-        return dict(last, status=status, step=self.step)
-
-    def save(self) -> Path:
-        state = {"skipped_steps": self.skipped_steps, "evaluated_initial": self.evaluated_initial,
-                 "sampler": self.sampler.state_dict()}
-        return save_checkpoint(self.run_dir, self.step, self.modules, self.optimizer, self.scheduler, state,
-                               keep=self.cfg.keep_checkpoints)
+        return sums | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped_steps}
 
 
 def report_data(name: str, loaded, n_train: int, n_eval: int, dropped_long: int, max_length: int) -> dict[str, float]:

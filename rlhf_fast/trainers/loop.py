@@ -1,0 +1,176 @@
+"""The one training loop that every trainer runs: RL (``trainers.ppo``) and the supervised stages (SFT, DPO, RM).
+
+A run is ``total`` units (an RL iteration, or one optimizer step of a supervised stage). After each unit: an
+evaluation every ``eval_every`` units and at the end, a row in metrics.jsonl + TensorBoard, a checkpoint every
+``save_every`` units and at the end, the callbacks. SIGINT/SIGTERM checkpoints at the next unit boundary; a unit
+stopped before it changed any weight (``run_unit`` returned None) is undone (RNG and sampler), so a resume redoes
+it exactly. A subclass sets ``cfg``, ``run_dir``, ``device``, ``optimizer``, ``scheduler`` and ``sampler`` and then
+calls :meth:`Loop.start`; it provides ``run_unit``, ``evaluate``, ``checkpoint_modules``, ``save_final_model`` and,
+for counters of its own, ``extra_state`` / ``load_extra_state``. Its gradient steps go through :meth:`Loop.optimizer_step`.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..checkpoint import StopRequest, resume_latest, rng_state, save_checkpoint, set_rng_state
+from ..errors import UserError
+from ..tracking import Tracker
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_optimizer(groups: list[dict], *, lr: float, adam_betas, adam_eps: float, weight_decay: float, lr_schedule: str,
+                    warmup_steps: int, total_steps: int):
+    """(AdamW, transformers LR schedule ``lr_schedule`` over ``total_steps`` with ``warmup_steps`` of linear warmup)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay, fused=True)  # CPU and CUDA
+    return optimizer, get_scheduler(lr_schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(1, total_steps))
+
+
+class Loop:
+    name = "train"  # progress-bar label and message prefix
+    unit = "iteration"  # the key of the unit counter in train()'s result
+    callbacks: list = []
+
+    def start(self, total: int, eval_every: int, resume: str | Path | None) -> None:
+        """Counters, the latest checkpoint when resuming (weights, optimizer, RNG, counters), then the tracker."""
+        self.total, self.eval_every = total, eval_every
+        self.iteration, self.global_step, self.skipped_steps, self.evaluated_initial = 0, 0, 0, False
+        resumed = None
+        if resume is not None:
+            state, ckpt = resume_latest(self.run_dir, self.checkpoint_modules(), self.optimizer, self.scheduler)
+            self.iteration, self.skipped_steps = int(state["iteration"]), int(state["skipped_steps"])
+            self.global_step, self.evaluated_initial = int(state.get("global_step", 0)), bool(state["evaluated_initial"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.load_extra_state(state)
+            resumed = self.iteration
+            print(f"resumed from {ckpt} ({self.unit} {self.iteration})", flush=True)
+        self.tracker = Tracker(self.run_dir, resumed, config=self.cfg)
+
+    # ------------------------------------------------------------------------------------------ hooks
+
+    def run_unit(self, stop: StopRequest) -> dict[str, float] | None:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def initial_metrics(self) -> dict[str, float]:
+        """Logged as row 0, once per run (not again on resume)."""
+        return self.evaluate()
+
+    def postfix(self, metrics: dict) -> dict[str, str]:
+        return {}
+
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def save_final_model(self) -> Path:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ a gradient step
+
+    def optimizer_step(self, micro_batches: Iterable[tuple[float, Callable[[], tuple[Tensor, dict]]]], params: list[Tensor],
+                       max_grad_norm: float) -> tuple[dict[str, float], float, float]:
+        """One optimizer step on sum_i w_i loss_i over ``(w_i, closure_i)`` (gradient accumulation), grad-norm clipped.
+
+        A non-finite loss or gradient norm skips the step (counted in ``skipped_steps``): never a step on NaN/inf.
+        Returns (weighted sums of the micro-batches' stats, the weight they carry, the grad norm or NaN).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        sums, total_w, finite = {}, 0.0, True
+        for w, closure in micro_batches:
+            loss, stats = closure()
+            if not bool(torch.isfinite(loss)):
+                finite = False
+                break
+            (loss * w).backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + w * float(v)
+            total_w += w
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if finite else math.nan
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.global_step += 1
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums, total_w, grad_norm
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        """Run to ``total`` units, or until SIGINT/SIGTERM (which checkpoints at the next unit boundary).
+
+        Returns the last unit's metrics (with the final evaluation when completed) plus ``status``
+        ("completed" | "interrupted") and the unit counter (``iteration`` or ``step``)."""
+        from tqdm.auto import tqdm
+
+        cfg, last = self.cfg, {}
+        with StopRequest() as stop, tqdm(total=self.total, initial=self.iteration, desc=self.name, disable=not cfg.progress_bar,
+                                         dynamic_ncols=True) as bar:
+            if not self.evaluated_initial:
+                initial = self.initial_metrics()
+                if initial:
+                    self.tracker.log(0, initial)
+                self.evaluated_initial = True
+            while self.iteration < self.total and not stop.requested:
+                snapshot = (rng_state(), self.sampler.state_dict())
+                metrics = self.run_unit(stop)
+                if metrics is None:  # stopped before any weight changed: undo the unit, so a resume redoes it
+                    set_rng_state(snapshot[0])
+                    self.sampler.load_state_dict(snapshot[1])
+                    break
+                self.iteration += 1
+                it = self.iteration
+                if (self.eval_every and it % self.eval_every == 0) or it == self.total:
+                    metrics |= self.evaluate()
+                self.tracker.log(it, metrics)
+                last = metrics
+                bar.update(1)
+                bar.set_postfix(self.postfix(metrics))
+                if it % cfg.save_every == 0 or it == self.total:
+                    self.save()
+                for cb in self.callbacks:
+                    cb(self, it, metrics)
+            status = "completed" if self.iteration >= self.total else "interrupted"
+            if status == "interrupted":
+                path = self.save()
+                bar.write(f"stopped by {stop.requested}; checkpoint at {path} (resume with --resume {self.run_dir})")
+        if status == "completed" and cfg.save_final_model:
+            print(f"{self.name}: final model in {self.save_final_model()}", flush=True)
+        self.tracker.close()
+        return dict(last, status=status, **{self.unit: self.iteration})
+
+    def save(self) -> Path:
+        state = {"global_step": self.global_step, "skipped_steps": self.skipped_steps, "evaluated_initial": self.evaluated_initial,
+                 "sampler": self.sampler.state_dict()} | self.extra_state()
+        return save_checkpoint(self.run_dir, self.iteration, self.checkpoint_modules(), self.optimizer, self.scheduler, state,
+                               keep=self.cfg.keep_checkpoints)
