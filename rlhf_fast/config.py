@@ -134,6 +134,7 @@ class AlgorithmConfig:
     max_kl: float = 0.01  # TRPO trust region: mean KL(pi_old || pi) per token after the step
     cg_iters: int = 10
     cg_damping: float = 0.1
+    fisher_every: int = 1  # TRPO: Fisher-vector products on every k-th response of the rollout (baselines' TRPO: 5)
     max_backtracks: int = 10
     backtrack_ratio: float = 0.5
     vf_epochs: int = 1  # TRPO with gae: critic epochs (its own Adam) per iteration
@@ -254,8 +255,9 @@ class Config(RunConfig):
                            ("algorithm.sapo_tau_pos", a.sapo_tau_pos), ("algorithm.sapo_tau_neg", a.sapo_tau_neg)]:
             if not value > 0:
                 raise UserError(f"{key}: must be > 0, got {value}")
-        if a.backtrack_ratio >= 1 or a.cg_damping < 0 or a.cg_iters < 1 or a.max_backtracks < 0 or a.vf_epochs < 1:
-            raise UserError("algorithm: need 0 < backtrack_ratio < 1, cg_damping >= 0, cg_iters >= 1, max_backtracks >= 0, vf_epochs >= 1")
+        if a.backtrack_ratio >= 1 or a.cg_damping < 0 or min(a.cg_iters, a.fisher_every, a.vf_epochs) < 1 or a.max_backtracks < 0:
+            raise UserError("algorithm: need 0 < backtrack_ratio < 1, cg_damping >= 0, max_backtracks >= 0 and "
+                            "cg_iters, fisher_every, vf_epochs >= 1")
         if a.loss_norm_length is not None and a.loss_norm_length < 1:
             raise UserError(f"algorithm.loss_norm_length: must be >= 1, got {a.loss_norm_length}")
         if a.kl_log_ratio_clip is not None and not a.kl_log_ratio_clip > 0:

@@ -156,9 +156,10 @@ def test_saved_config_round_trips_and_resumes(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    # the other stages' configs are checked by test_shipped_stage_configs_load
-    for path in sorted(Path(__file__).parent.parent.glob("configs/ppo_*.yaml")):
-        load_config(path)
+    # every RL config (one per algorithm); the other stages' configs are checked by test_shipped_stage_configs_load
+    rl = [p for p in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")) if p.name.split("_")[0] not in ("rm", "sft", "dpo", "pipeline")]
+    estimators = {load_config(path).algorithm.adv_estimator for path in rl}
+    assert estimators == {"gae", "grpo", "rloo", "reinforce", "reinforce_pp", "remax"}, estimators
 
 
 def test_auto_attention_takes_flash_attn_only_for_half_precision_on_cuda(monkeypatch):

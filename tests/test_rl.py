@@ -150,7 +150,7 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
 
-TRPO = {"algorithm.policy_update": "trpo", "algorithm.max_kl": 0.02, "algorithm.cg_iters": 5}
+TRPO = {"algorithm.policy_update": "trpo", "algorithm.max_kl": 0.02, "algorithm.cg_iters": 5, "algorithm.fisher_every": 2}
 
 
 @pytest.mark.parametrize("over", [

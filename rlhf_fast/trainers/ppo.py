@@ -93,7 +93,13 @@ class RLTrainer(Loop):
         path = resolve_model_path(cfg.model.policy, "model.policy")
         self.tokenizer = load_tokenizer(path)
         self.reward_fn = CombinedReward(cfg.reward.sources, self.device, cfg.reward.batch_size)
-        policy = load_causal_lm(path, attn_implementation(cfg.model.attn_implementation, self.device, self.bf16), self.device)
+        attn = attn_implementation(cfg.model.attn_implementation, self.device, self.bf16)
+        if cfg.algorithm.policy_update == "trpo" and attn == "flash_attention_2":  # TRPO's Fisher products need a double backward
+            if cfg.model.attn_implementation != "auto":
+                raise UserError("model.attn_implementation=flash_attention_2 has no double backward, which TRPO's Fisher-vector "
+                                "products need: use sdpa or eager")
+            attn = "sdpa"
+        policy = load_causal_lm(path, attn, self.device)
         disable_dropout(policy)
         self.data = load_prompts(cfg.data, self.tokenizer, cfg.generation.max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
         self.critic = None  # only GAE reads values: no value head, no critic memory for the other estimators
@@ -308,17 +314,17 @@ class RLTrainer(Loop):
         Surrogate (minimised): -masked_mean(ratio * A) (- entropy bonus, + in-loss KL), ratio = pi / pi_old. The
         trust region is the mean over response tokens of the exact KL(pi_old || pi) over the vocabulary
         (``ops.linear_kl``); its Fisher-vector products come from ``trust_region.make_fvp`` (double-vjp through the
-        uncompiled trunk, ``ops.linear_fisher_product`` at the head). Head math in fp32 (the head weight is a leaf,
+        uncompiled trunk, ``ops.linear_fisher_product`` at the head) on every ``algorithm.fisher_every``-th response. Head math in fp32 (the head weight is a leaf,
         so a trainable tied head enters F exactly); no micro-batching: the rollout is one batch.
         """
         cfg, a, p = self.cfg, self.cfg.algorithm, self.cfg.ppo
         temp, mask, labels = cfg.generation.temperature, ro.response_mask, ro.labels
         body, weight = backbone(self.policy), lm_head(self.policy)[0]
 
-        def hidden() -> Tensor:
+        def hidden(batch: Rollout = ro) -> Tensor:
             with self.autocast():
-                h = hidden_states(body, ro.input_ids, ro.attention_mask)
-            return h[:, ro.prompt_len - 1: -1].float()
+                h = hidden_states(body, batch.input_ids, batch.attention_mask)
+            return h[:, batch.prompt_len - 1: -1].float()
 
         def surrogate() -> Tensor:
             lp, ent = self.backend.logprobs(hidden(), weight, labels, temp, return_entropy=True)
@@ -337,7 +343,10 @@ class RLTrainer(Loop):
             return ops.masked_mean(self.backend.kl(h_old, weight, hidden(), weight, labels, temp), mask)
 
         self.set_train(True)
-        fvp = make_fvp(self.policy_params, hidden, weight, mask, temperature=temp, damping=a.cg_damping)
+        # Fisher-vector products on every k-th response (as OpenAI baselines' TRPO): CG's cost falls k-fold, F stays exact
+        # over the vocabulary and unbiased over the batch.
+        sub = ro.select(torch.arange(0, len(ro), a.fisher_every))
+        fvp = make_fvp(self.policy_params, lambda: hidden(sub), weight, sub.response_mask, temperature=temp, damping=a.cg_damping)
         try:
             out = trpo_step(self.policy_params, surrogate, mean_kl, fvp, max_kl=a.max_kl, cg_iters=a.cg_iters,
                             backtrack_ratio=a.backtrack_ratio, max_backtracks=a.max_backtracks)
