@@ -154,7 +154,8 @@ def line_search(params, full_step: Tensor, expected_improve: float, surrogate_fn
 
     Tries frac = backtrack_ratio^k, k = 0..max_backtracks; accepts the first whose actual decrease of the surrogate
     loss is >= accept_ratio x its first-order prediction (frac x ``expected_improve``) and whose mean KL (``kl_fn``,
-    nats) is <= ``max_kl``. Otherwise the params are restored bit-for-bit.
+    nats) is <= ``max_kl``. Otherwise the params are restored bit-for-bit. At each trial ``surrogate_fn`` runs first,
+    then ``kl_fn`` at the same params (a caller may reuse the forward pass between the two).
 
     Args: params: the tensors stepped in place; full_step: flat [sum numel]; expected_improve: > 0, -g . full_step;
         surrogate_fn / kl_fn: () -> 0-d tensor, evaluated under no_grad; old_loss: surrogate at theta_old if known.

@@ -326,8 +326,16 @@ class RLTrainer(Loop):
                 h = hidden_states(body, batch.input_ids, batch.attention_mask)
             return h[:, batch.prompt_len - 1: -1].float()
 
+        # Each trunk forward costs as much as the rest of the step: pi_old's hidden states are those of the first
+        # surrogate call (at theta_old), and the line search's KL check reuses the hidden states its surrogate call
+        # just computed at the same trial parameters (line_search calls surrogate_fn, then kl_fn).
+        seen: dict[str, Tensor] = {}
+
         def surrogate() -> Tensor:
-            lp, ent = self.backend.logprobs(hidden(), weight, labels, temp, return_entropy=True)
+            h = hidden()
+            seen.setdefault("old", h.detach())
+            seen["last"] = h.detach()
+            lp, ent = self.backend.logprobs(h, weight, labels, temp, return_entropy=True)
             loss = -ops.masked_mean(torch.exp((lp - ro.logprobs).clamp(max=20.0)) * ro.advantages, mask)
             if p.entropy_coef:
                 loss = loss - p.entropy_coef * ops.masked_mean(ent, mask)
@@ -336,11 +344,9 @@ class RLTrainer(Loop):
                 loss = loss + self.kl_ctl.value * ops.masked_mean(kl, mask)
             return loss
 
-        with torch.no_grad():
-            h_old = hidden()
-
         def mean_kl() -> Tensor:  # KL(pi_old || pi_theta): linear_kl's first argument is the distribution sampled
-            return ops.masked_mean(self.backend.kl(h_old, weight, hidden(), weight, labels, temp), mask)
+            h = seen.pop("last", None)
+            return ops.masked_mean(self.backend.kl(seen["old"], weight, hidden() if h is None else h, weight, labels, temp), mask)
 
         self.set_train(True)
         # Fisher-vector products on every k-th response (as OpenAI baselines' TRPO): CG's cost falls k-fold, F stays exact
