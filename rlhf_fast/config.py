@@ -40,6 +40,8 @@ class ModelConfig:
     compile: str = "auto"  # torch.compile the scoring/training forwards; auto: on CUDA only
     gradient_checkpointing: bool = False
     trainable_layers: int | None = None  # train only the top N decoder layers (+ final norm); None: all weights
+    share_frozen_trunk: bool = True  # with trainable_layers: the frozen bottom runs once for policy and reference (models.TrunkSplit)
+    trunk_cache_mb: float = 1024  # keep the bottom's output of a rollout for the update epochs when it fits (else recompute)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -119,6 +119,11 @@ def attn_implementation(name: str, device: torch.device, half_precision: bool) -
     return "sdpa"
 
 
+def compile_enabled(flag: str, device: torch.device) -> bool:
+    """``model.compile``: true, false, or auto (on CUDA)."""
+    return flag == "true" or (flag == "auto" and device.type == "cuda")
+
+
 def maybe_compile(module: torch.nn.Module, flag: str, device: torch.device) -> torch.nn.Module:
     """``module`` under ``torch.compile(dynamic=True)`` if ``flag`` (``model.compile``) says so: true, or auto on CUDA.
 
@@ -128,7 +133,7 @@ def maybe_compile(module: torch.nn.Module, flag: str, device: torch.device) -> t
     (LoRA with gradient checkpointing: the input-grad hook it needs sends the forward with gradients back to
     eager; the no-grad forwards of scoring stay compiled.)
     """
-    if flag == "true" or (flag == "auto" and device.type == "cuda"):
+    if compile_enabled(flag, device):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         return torch.compile(module, dynamic=True)
     return module
@@ -252,6 +257,56 @@ def hidden_states(body: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """Last hidden states [B, S, H] of a backbone (never the logits)."""
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
     return out.last_hidden_state
+
+
+SPLIT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # their forward(inputs_embeds=...) adds nothing to the input
+
+
+class TrunkSplit:
+    """A decoder backbone run as a frozen bottom (embeddings + ``layers[:k]``) and a top (``layers[k:]`` + final norm).
+
+    With the bottom frozen (``model.trainable_layers``), its output for a batch is the same for the policy and for a
+    reference that shares those weights, and the same at every update epoch: it is computed once and each top runs
+    from it. Both halves go through the backbone's own forward with its ``layers``/``norm`` swapped for the part
+    (the top as ``forward(inputs_embeds=bottom output)``, which rebuilds the rotary embedding and causal mask from
+    the same positions and attention mask), so the result equals the full forward operation for operation. Only
+    for the families in ``SPLIT_MODEL_TYPES`` (Gemma, e.g., scales ``inputs_embeds`` inside its forward) and
+    uncompiled bodies (swapping modules under ``torch.compile`` would recompile). Not thread-safe.
+    """
+
+    def __init__(self, body: nn.Module, n_top: int):
+        self.body, self.k = body, len(body.layers) - n_top
+
+    @staticmethod
+    def supported(model: nn.Module) -> bool:
+        body = backbone(model)
+        return unwrap(model).config.model_type in SPLIT_MODEL_TYPES and isinstance(getattr(body, "layers", None), nn.ModuleList)
+
+    def _run(self, layers, norm, **kwargs) -> torch.Tensor:
+        body = self.body
+        saved = body.layers, body.norm
+        body.layers, body.norm = nn.ModuleList(layers), norm
+        try:
+            return body(use_cache=False, **kwargs).last_hidden_state
+        finally:
+            body.layers, body.norm = saved
+
+    def bottom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, S, H] output of the embeddings and the frozen layers (no final norm)."""
+        return self._run(list(self.body.layers)[:self.k], nn.Identity(), input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids(attention_mask))
+
+    def top(self, bottom: torch.Tensor, attention_mask: torch.Tensor, layers: nn.ModuleList | None = None,
+            norm: nn.Module | None = None) -> torch.Tensor:
+        """[B, S, H] last hidden states from the bottom's output through ``layers`` + ``norm`` (default: the body's own)."""
+        layers = list(self.body.layers)[self.k:] if layers is None else list(layers)
+        return self._run(layers, self.body.norm if norm is None else norm, inputs_embeds=bottom, attention_mask=attention_mask,
+                         position_ids=position_ids(attention_mask))
+
+    def frozen_top_copy(self) -> tuple[nn.ModuleList, nn.Module]:
+        """A frozen copy of the top layers and the final norm: a reference that shares the bottom holds only these."""
+        layers = copy.deepcopy(nn.ModuleList(list(self.body.layers)[self.k:])).eval().requires_grad_(False)
+        return layers, copy.deepcopy(self.body.norm).eval().requires_grad_(False)
 
 
 class Critic(nn.Module):

@@ -12,7 +12,8 @@ PANELS = [  # (title, [(metric, label)])
     ("reward", [("reward/mean", "train (batch mean)"), ("eval/reward", "eval (held-out prompts)")]),
     ("KL to reference (nats / response)", [("kl", "train (estimator)"), ("eval/kl", "eval (exact)")]),
     ("policy entropy (nats / token)", [("policy/entropy", "train")]),
-    ("PPO update", [("policy/clipfrac", "clip fraction"), ("policy/approx_kl", "approx KL (old || new)")]),
+    ("policy update", [("policy/clipfrac", "clip fraction"), ("policy/approx_kl", "approx KL (old || new)"),
+                       ("trpo/kl", "TRPO step: KL (old || new) per token"), ("groups/kept_frac", "groups kept (dynamic sampling)")]),
     ("critic", [("loss/value", "value loss"), ("value/explained_variance", "explained variance")]),
     ("response length (tokens)", [("response/length", "train"), ("eval/response_length", "eval")]),
     ("seconds per phase", [("time/generate", "generate"), ("time/score", "score"), ("time/update", "update")]),
@@ -52,7 +53,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle(f"PPO run: {Path(run_dir).resolve().name}")
+        else:  # e.g. the critic panel of a critic-free algorithm
+            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle(f"RL run: {Path(run_dir).resolve().name}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

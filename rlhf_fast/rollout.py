@@ -35,6 +35,7 @@ class Rollout:
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     returns: Tensor | None = None
+    trunk_hidden: Tensor | None = None  # [B, P + T, H] output of the policy's frozen bottom layers (models.TrunkSplit)
     extras: dict = field(default_factory=dict)
     messages: list[list[dict]] | None = None  # each prompt's whole chat (system prompt included), for reward models
 

@@ -215,3 +215,17 @@ def test_resume_after_sigterm_reproduces_uninterrupted_run(tiny, tmp_path, over)
 def test_algorithm_config_errors(tiny, tmp_path, over, match):
     with pytest.raises(UserError, match=match):
         tiny_config(tiny["policy"], tmp_path / "run", **over)
+
+
+def test_cli_rl_command_runs_grpo_and_plots_without_a_critic(tiny, tmp_path):
+    from rlhf_fast.cli import main
+
+    run = tmp_path / "run"
+    argv = ["rl", f"--model.policy={tiny['policy']}", f"--output_dir={run}", "--reward.sources=[{spec: 'ppo_tiny:letter_reward'}]",
+            "--algorithm.adv_estimator=grpo", "--generation.n=2", "--ppo.batch_size=2", "--ppo.minibatch_size=4",
+            "--ppo.micro_batch_size=4", "--ppo.iterations=1", "--generation.max_new_tokens=6", "--eval.num_prompts=2",
+            "--progress_bar=false", "--save_final_model=false"]
+    assert main(argv) == 0
+    assert [r["iteration"] for r in read_metrics(run)] == [0, 1]
+    assert main(["plot", str(run)]) == 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -33,9 +33,9 @@ from ..checkpoint import StopRequest
 from ..config import Config, load_config, resume_config_path
 from ..data import PromptSampler, load_prompts
 from ..errors import UserError
-from ..models import (add_lora, attn_implementation, backbone, bf16_enabled, build_critic, disable_dropout, enable_gradient_checkpointing, eos_ids,
-                      frozen_copy, hidden_states, lm_head, load_causal_lm, load_tokenizer, maybe_compile, resolve_model_path,
-                      train_top_layers, unwrap)
+from ..models import (TrunkSplit, add_lora, attn_implementation, backbone, bf16_enabled, build_critic, compile_enabled, disable_dropout,
+                      enable_gradient_checkpointing, eos_ids, frozen_copy, hidden_states, lm_head, load_causal_lm, load_tokenizer,
+                      maybe_compile, resolve_model_path, train_top_layers, unwrap)
 from ..rewards import CombinedReward
 from ..rollout import Rollout, RunningMoments, generate, token_rewards
 from ..trust_region import make_fvp, trpo_step
@@ -106,13 +106,19 @@ class RLTrainer(Loop):
         if cfg.needs_critic:
             self.critic = build_critic(policy, cfg.critic, self.tokenizer, self.reward_fn.reward_model_path, self.device)
             disable_dropout(self.critic)
+        # The reference: the LoRA policy with its adapters off; or, when only the top layers train and the bottom can
+        # be shared, a frozen copy of the top layers run from the policy's bottom output; else a frozen copy of it all.
+        self.ref, self.split, n_top = None, None, cfg.model.trainable_layers
         if cfg.model.lora.enabled:
-            self.ref = None
             policy = add_lora(policy, cfg.model.lora)
+        elif n_top and cfg.model.share_frozen_trunk and TrunkSplit.supported(policy) and not compile_enabled(cfg.model.compile, self.device):
+            train_top_layers(policy, n_top)
+            self.split = TrunkSplit(backbone(policy), n_top)
+            self.ref_top = self.split.frozen_top_copy()
         else:
             self.ref = frozen_copy(policy)
-            if cfg.model.trainable_layers:
-                train_top_layers(policy, cfg.model.trainable_layers)
+            if n_top:
+                train_top_layers(policy, n_top)
         self.policy = policy
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(policy, cfg.model.lora.enabled)
@@ -169,10 +175,29 @@ class RLTrainer(Loop):
         """[B, T, H] hidden states at the positions that predict the response tokens (bf16 under bf16, else fp32)."""
         with self.autocast():
             h = hidden_states(body, ro.input_ids, ro.attention_mask)
+        return self._response_positions(h, ro)
+
+    def _response_positions(self, h: Tensor, ro: Rollout) -> Tensor:
         h = h[:, ro.prompt_len - 1: -1]
         return h.to(torch.bfloat16) if self.bf16 else h.float()
 
+    def bottom(self, ro: Rollout) -> Tensor:
+        """The frozen bottom's output for ``ro``, computed once and kept on it (``ro.trunk_hidden``)."""
+        if ro.trunk_hidden is None:
+            with torch.no_grad(), self.autocast():
+                ro.trunk_hidden = self.split.bottom(ro.input_ids, ro.attention_mask)
+        return ro.trunk_hidden
+
+    def policy_hidden(self, ro: Rollout) -> Tensor:
+        if self.split is None:
+            return self.response_hidden(self.policy_body, ro)
+        with self.autocast():
+            return self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask), ro)
+
     def ref_hidden(self, ro: Rollout) -> Tensor:
+        if self.split is not None:
+            with self.autocast():
+                return self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask, *self.ref_top), ro)
         if self.ref is None:  # LoRA: the reference is the same model with its adapters switched off
             with self.policy.disable_adapter():
                 return self.response_hidden(self.policy_body, ro)
@@ -193,12 +218,16 @@ class RLTrainer(Loop):
         cfg, temp = self.cfg, self.cfg.generation.temperature
         weight = self.head_weight(self.policy)
         ref_weight = weight if self.ref is None else self.head_weight(self.ref)
-        parts = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl")}
+        parts = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "trunk_hidden")}
+        keep_bottom = self.split is not None and (ro.input_ids.numel() * unwrap(self.policy).config.hidden_size * 4
+                                                  <= cfg.model.trunk_cache_mb * 2**20)
         for idx in _chunks(torch.arange(len(ro)), cfg.ppo.micro_batch_size):
             mb = ro.select(idx)
             labels, mask = mb.labels, mb.response_mask
-            h = self.response_hidden(self.policy_body, mb)
+            h = self.policy_hidden(mb)
             rh = self.ref_hidden(mb)
+            if keep_bottom:  # for the update epochs, which then run the top layers only
+                parts["trunk_hidden"].append(mb.trunk_hidden)
             with self.fp32():
                 lp = self.backend.logprobs(h, weight, labels, temp)
                 ref_lp = self.backend.logprobs(rh, ref_weight, labels, temp)
@@ -251,7 +280,7 @@ class RLTrainer(Loop):
         p, a = self.cfg.ppo, self.cfg.algorithm
         weight = self.head_weight(self.policy)
         mask = mb.response_mask
-        h = self.response_hidden(self.policy_body, mb)
+        h = self.policy_hidden(mb)
         kl_in_loss = a.kl_in == "loss" and self.kl_ctl.value > 0
         with self.fp32():
             pg_loss, stats = self.backend.policy_loss(
@@ -322,6 +351,8 @@ class RLTrainer(Loop):
         body, weight = backbone(self.policy), lm_head(self.policy)[0]
 
         def hidden(batch: Rollout = ro) -> Tensor:
+            if self.split is not None:  # the top layers from the kept bottom output
+                return self.policy_hidden(batch).float()
             with self.autocast():
                 h = hidden_states(body, batch.input_ids, batch.attention_mask)
             return h[:, batch.prompt_len - 1: -1].float()
@@ -374,7 +405,7 @@ class RLTrainer(Loop):
     def value_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         p = self.cfg.ppo
         with torch.no_grad():
-            h = self.response_hidden(self.policy_body, mb) if self.critic_body is None else None
+            h = self.policy_hidden(mb) if self.critic_body is None else None
         loss, stats = ops.ppo_value_loss(self.values(h, mb), mb.values, mb.returns, mb.response_mask, clip_eps=p.vf_clip_eps,
                                          loss_agg=p.loss_agg)
         return loss, {"loss/value": loss.detach(), "value/clipfrac": stats["vf_clipfrac"]}
@@ -506,7 +537,7 @@ class RLTrainer(Loop):
                 rewards.append(raw)
                 for idx in _chunks(torch.arange(len(ro)), cfg.ppo.micro_batch_size):
                     mb = ro.select(idx)
-                    h, rh = self.response_hidden(self.policy_body, mb), self.ref_hidden(mb)
+                    h, rh = self.policy_hidden(mb), self.ref_hidden(mb)
                     with self.fp32():
                         kls.append(self.backend.kl(h, weight, rh, ref_weight, mb.labels, temp).sum(-1).cpu())
                 lengths.append(ro.response_mask.sum(-1).float().cpu())
