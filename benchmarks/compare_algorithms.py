@@ -45,7 +45,7 @@ def run(names: list[str]) -> None:
         out = ROOT / "runs" / "compare" / name
         shutil.rmtree(out, ignore_errors=True)
         cmd = [str(exe), "rl", "--config", f"configs/{name}_smollm2_sentiment.yaml", f"--output_dir={out}",
-               "--progress_bar=false", "--save_final_model=false", "--eval.every=8"]
+               "--progress_bar=false", "--save_final_model=false"]
         load_before, t0 = _load(), time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True)
         wall, load_after = time.perf_counter() - t0, _load()
@@ -58,7 +58,7 @@ def run(names: list[str]) -> None:
         summary = {
             "command": " ".join(["rlhf-fast"] + cmd[1:]).replace(str(ROOT) + "/", ""),
             "wall_clock_s": round(wall, 1),
-            "wall_clock_includes": "model load, evaluations every 8 iterations and at the end (66 prompts each), the iterations, checkpoints",
+            "wall_clock_includes": "model load, evaluations before, midway and after training (66 prompts each), the iterations, checkpoints",
             "load_average_before": load_before,
             "load_average_after": load_after,
             "eval_reward": {r["iteration"]: r["eval/reward"] for r in evals},

@@ -116,3 +116,31 @@ def logits_tile(
         else:
             acc = tl.dot(a, tl.trans(b), acc)
     return acc
+
+
+@triton.jit
+def tanh_tile(x):
+    """tanh(x) elementwise in fp32, for the logit softcap (Gemma-2/3).
+
+    Not ``tanh`` from libdevice: that is missing from ``tl`` in some Triton versions and the interpreter cannot
+    run it. With e = exp(-2|x|) in (0, 1] nothing overflows at any |x|: tanh|x| = (1 - e) / (1 + e). Below
+    |x| = 1/8, where 1 - e cancels, it comes from its odd series to x^7 (truncation < 2e-9 relative).
+    """
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0, -t, t)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    return tl.where(tl.abs(x) < 0.125, series, t)
+
+
+@triton.jit
+def softcap_tile(x, cap):
+    """(cap * tanh(x), 1 - tanh(x)^2) elementwise in fp32 (see :func:`tanh_tile`).
+
+    1 - tanh^2 = 4e / (1 + e)^2 with e = exp(-2|x|) (the same exp as tanh_tile's, after CSE): accurate relative
+    to itself where tanh saturates, which 1 - t^2 from a rounded t is not.
+    """
+    e = tl.exp(-2.0 * tl.abs(x))
+    one_e = 1.0 + e
+    return cap * tanh_tile(x), 4.0 * e / (one_e * one_e)

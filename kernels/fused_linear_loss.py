@@ -5,8 +5,9 @@ G x V dz in the input dtype). Per chunk:
   1. the forward kernel of linear_logprobs.py runs with STORE_LOGITS: a GEMM pass that also leaves the
      online (m, s, t) partials, so log-probs and entropies follow from a tiny reduction;
   2. the caller's ``token_grads`` turns them into the chunk's loss and per-token dloss/dlogprob, dloss/dentropy;
-  3. an elementwise kernel reads the stored logits and writes dz = dloss/dlogits (no recompute) into the
-     group's rows of the dz buffer.
+  3. an elementwise kernel reads the stored logits and writes dz = dloss/dlogits (no GEMM recompute; with a
+     softcap the stored values are the tanh's arguments and the tanh is re-evaluated) into the group's rows
+     of the dz buffer.
 Per group: dhidden[group] = dz @ weight and dweight += dz.T @ hidden[group] (fp32 accumulator across groups).
 So forward + backward is 3 matmul passes of N*H*V (logits, dhidden, dweight) rather than 4, and the
 autograd backward only scales the stored gradients. Why groups larger than chunks: each dweight step reads
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, interpreting
+from ._common import configs, interpreting, softcap_tile
 from .linear_logprobs import combine_stats, launch_stats, logprob_entropy_grad
 from .matmul import matmul_acc
 
@@ -44,15 +45,22 @@ _ELEMENTWISE_CONFIGS = configs(
 @triton.jit
 def _dlogits_from_logits_kernel(
     z_ptr, labels_ptr, m_ptr, logs_ptr, ent_ptr, g_ptr, gent_ptr, out_ptr,
-    N, V, stride_z, stride_out, inv_temp,
-    ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    N, V, stride_z, stride_out, inv_temp, cap,
+    ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """out = d(g . logprob + g_ent . entropy)/dlogits / T from the stored tempered logits (one writer per element)."""
+    """out = d(g . logprob + g_ent . entropy)/dx (x the raw logits) from the stored logits (one writer per element).
+
+    Stored are the final logits, or with HAS_SOFTCAP the tanh's argument: tanh and its derivative are then
+    recomputed from it, to full relative accuracy even where tanh saturates (1 - tanh^2 taken from a stored
+    final logit would be quantized by the rounding of tanh near +-1).
+    """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask, col_mask = rows < N, cols < V
     mask = row_mask[:, None] & col_mask[None, :]
     z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
+    if HAS_SOFTCAP:
+        z, dcap = softcap_tile(z, cap)
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
     log_s = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
@@ -63,7 +71,10 @@ def _dlogits_from_logits_kernel(
     else:
         ent = m
         g_ent = g
-    dz = logprob_entropy_grad(z, cols, labels, m, log_s, ent, g, g_ent, ENTROPY) * inv_temp
+    dz = logprob_entropy_grad(z, cols, labels, m, log_s, ent, g, g_ent, ENTROPY)
+    if HAS_SOFTCAP:
+        dz = dz * (dcap * cap)  # dz/dx = inv_temp * cap * (1 - tanh^2)
+    dz = dz * inv_temp
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], dz.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -83,8 +94,10 @@ def plan(n_tokens: int, vocab: int, elem_bytes: int, chunk_size: int | None = No
 
 
 def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_index: int, token_grads,
-                      need_entropy: bool, chunk_size: int | None, need_dh: bool, need_dw: bool, need_db: bool):
-    """Loss of per-token terms on log_softmax((hidden @ weight.T + bias) * inv_temp)[labels], with its gradients.
+                      need_entropy: bool, chunk_size: int | None, need_dh: bool, need_dw: bool, need_db: bool, cap=None):
+    """Loss of per-token terms on log_softmax(f(hidden @ weight.T + bias))[labels], with its gradients.
+
+    f: x -> x * inv_temp, or cap * tanh(x * inv_temp) when ``cap`` is given (the transform of linear_logprobs.py).
 
     Args:
         hidden [N, H], weight [V, H] (one dtype), labels [N] int64 (valid or ignore_index), bias [V] or None.
@@ -123,7 +136,7 @@ def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_inde
             c1 = min(g1, c0 + chunk)
             lab_c, ok = labels[c0:c1], valid[c0:c1]
             z = zbuf[: c1 - c0]
-            part = launch_stats(hidden[c0:c1], weight, bias, lab_c, inv_temp, need_entropy, logits=z)
+            part = launch_stats(hidden[c0:c1], weight, bias, lab_c, inv_temp, need_entropy, logits=z, cap=cap)
             lp, ent, m, log_s = combine_stats(part, ok, need_entropy)
             loss_c, g_lp, g_ent = token_grads(lp, ent, c0, c1)
             loss += loss_c
@@ -138,7 +151,8 @@ def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_inde
             grid = lambda meta: (triton.cdiv(c1 - c0, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))  # noqa: E731
             _dlogits_from_logits_kernel[grid](
                 z, lab_c, m, log_s, ent if ge is not None else m, g, ge if ge is not None else g, d,
-                c1 - c0, v, z.stride(0), d.stride(0), inv_temp, ENTROPY=ge is not None,
+                c1 - c0, v, z.stride(0), d.stride(0), inv_temp, 1.0 if cap is None else cap, ENTROPY=ge is not None,
+                HAS_SOFTCAP=cap is not None,
             )
         if not need_grads:
             continue

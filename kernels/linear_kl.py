@@ -1,6 +1,7 @@
 """Exact per-token KL(pi || pi_ref) over the full vocabulary, with neither logits tensor in global memory.
 
-pi = softmax(hidden @ weight.T / T), pi_ref = softmax(ref_hidden @ ref_weight.T / T). One pass over the
+pi = softmax(f(hidden @ weight.T + bias)), pi_ref = softmax(f(ref_hidden @ ref_weight.T + ref_bias)), f the logit
+transform of linear_logprobs.py (scale, optional softcap, temperature: one for both). One pass over the
 vocabulary tiles computes both logits tiles and keeps, per token, the online (m, s) of each log-sum-exp and
 t = sum e^(z - m) (z - z_ref), rescaled like s. Then
   KL = sum_v p_v (log p_v - log q_v) = t / s - (m - m_ref) - (log s - log s_ref),
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import by_dot_kind, dot_flags, grouped_pid, logits_tile
+from ._common import by_dot_kind, dot_flags, grouped_pid, logits_tile, softcap_tile
 from .linear_logprobs import _GEMM_CONFIGS, head_grads, launch_dlogits, vocab_splits
 
 
@@ -22,9 +23,10 @@ from .linear_logprobs import _GEMM_CONFIGS, head_grads, launch_dlogits, vocab_sp
                  prune_configs_by={"early_config_prune": by_dot_kind})
 @triton.jit
 def _kl_stats_kernel(
-    h_ptr, w_ptr, rh_ptr, rw_ptr, part_ptr,
-    N, V, H, HR, v_per_split, n_splits, inv_temp, stride_h, stride_w, stride_rh, stride_rw,
+    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, part_ptr,
+    N, V, H, HR, v_per_split, n_splits, inv_temp, cap, stride_h, stride_w, stride_rh, stride_rw,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, REF_DOT_F32: tl.constexpr, REF_IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Per (token tile, vocab split): (m, s, t) of the policy and (m, s) of the reference, to part [5, splits, N]."""
@@ -43,9 +45,18 @@ def _kl_stats_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_hi
         z = logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
-                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32, IEEE) * inv_temp
+                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32, IEEE)
         zr = logits_tile(rh_ptr, rw_ptr, rows, cols, row_mask, col_mask, HR, stride_rh, stride_rw,
-                         BLOCK_N, BLOCK_V, BLOCK_K, REF_DOT_F32, REF_IEEE) * inv_temp
+                         BLOCK_N, BLOCK_V, BLOCK_K, REF_DOT_F32, REF_IEEE)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_REF_BIAS:
+            zr += tl.load(rb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        z = z * inv_temp
+        zr = zr * inv_temp
+        if HAS_SOFTCAP:
+            z, _ = softcap_tile(z, cap)
+            zr, _ = softcap_tile(zr, cap)
         diff = z - zr  # finite everywhere (padding loads zeros); masked below
         z = tl.where(col_mask[None, :], z, float("-inf"))
         zr = tl.where(col_mask[None, :], zr, float("-inf"))
@@ -76,8 +87,9 @@ def _lse_parts(m_i, s_i):
     return m, s, w
 
 
-def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, inv_temp: float):
-    """hidden [N, H], weight [V, H] (one dtype), ref_hidden [N, Hr], ref_weight [V, Hr] (one dtype), valid [N] bool.
+def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, inv_temp: float, bias=None, ref_bias=None, cap=None):
+    """hidden [N, H], weight [V, H] (one dtype), ref_hidden [N, Hr], ref_weight [V, Hr] (one dtype), valid [N] bool;
+    bias [V] / ref_bias [V] (their head's dtype) or None; (inv_temp, cap) (the transform of linear_logprobs.py).
 
     Returns (kl, m, log_s, ref_m, ref_log_s), all [N] fp32; kl is 0 where not valid. The rest feed the backward.
     """
@@ -92,9 +104,12 @@ def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, inv_temp: float
     ref_dot_f32, ref_ieee = dot_flags(ref_hidden.dtype)  # the reference model may run in another dtype
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)  # noqa: E731
     _kl_stats_kernel[grid](
-        hidden, weight, ref_hidden, ref_weight, part, n, v, h, ref_hidden.shape[1], per_split, n_splits, inv_temp,
+        hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
+        ref_bias if ref_bias is not None else ref_hidden, part, n, v, h, ref_hidden.shape[1], per_split, n_splits,
+        inv_temp, 1.0 if cap is None else cap,
         hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), DOT_F32=dot_f32, IEEE=ieee,
-        REF_DOT_F32=ref_dot_f32, REF_IEEE=ref_ieee,
+        REF_DOT_F32=ref_dot_f32, REF_IEEE=ref_ieee, HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+        HAS_SOFTCAP=cap is not None,
     )
     m_i, s_i, t_i, rm_i, rs_i = part.unbind(0)
     m, s, w = _lse_parts(m_i, s_i)
@@ -105,15 +120,18 @@ def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, inv_temp: float
 
 
 def linear_kl_bwd(hidden, weight, ref_hidden, ref_weight, valid, kl, m, log_s, ref_m, ref_log_s, g_kl,
-                  inv_temp: float, need_dh: bool, need_dw: bool):
-    """Gradients of sum(g_kl * kl) w.r.t. hidden and weight (inputs' dtypes; None where not needed)."""
+                  inv_temp: float, need_dh: bool, need_dw: bool, bias=None, ref_bias=None, cap=None, need_db=False):
+    """Gradients of sum(g_kl * kl) w.r.t. hidden, weight and bias (inputs' dtypes; None where not needed)."""
     if hidden.shape[0] == 0:
-        return (torch.zeros_like(hidden) if need_dh else None, torch.zeros_like(weight) if need_dw else None)
+        return (torch.zeros_like(hidden) if need_dh else None, torch.zeros_like(weight) if need_dw else None,
+                torch.zeros_like(bias) if need_db else None)
     g = (g_kl.float() * valid).contiguous()
-    ref = (ref_hidden, ref_weight, ref_m, ref_log_s)
+    ref = (ref_hidden, ref_weight, ref_bias, ref_m, ref_log_s)
 
     def fill(buf, v0, v1):
-        launch_dlogits(buf, v0, v1, hidden, weight, None, None, m, log_s, kl, g, None, inv_temp, ref=ref)
+        launch_dlogits(buf, v0, v1, hidden, weight, bias, None, m, log_s, kl, g, None, inv_temp, ref=ref, cap=cap)
 
-    dh, dw, _ = head_grads(hidden, weight, fill, need_dh, need_dw, False)
-    return dh, dw
+    dh, dw, db = head_grads(hidden, weight, fill, need_dh, need_dw, need_db)
+    if db is not None:
+        db = db.to(bias.dtype)
+    return dh, dw, db

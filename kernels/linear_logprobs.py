@@ -1,4 +1,8 @@
-"""Fused linear log-probs + entropy: logits = (hidden @ weight.T + bias) / T, never written to global memory.
+"""Fused linear log-probs + entropy: logits z = f(hidden @ weight.T + bias), never written to global memory.
+
+f is the logit transform: x -> x * inv_temp (inv_temp = logit_scale / T), or with a softcap (constexpr
+HAS_SOFTCAP, set by passing ``cap``) x -> cap * tanh(x * inv_temp) with inv_temp = logit_scale / softcap and
+cap = softcap / T. Without a softcap the kernels compile exactly as before.
 
 Forward (``linear_logprobs_fwd``): a grid over (token tile, vocabulary split). Each program streams its
 split's vocabulary tiles through a GEMM main loop and keeps an online log-sum-exp on-chip: per token the
@@ -15,7 +19,8 @@ an fp32 accumulator. Every output element has exactly one writer, so dhidden/dwe
 deterministic; the interpreter runs programs one after another and could not reveal a race, which is why
 the design has none by construction. Cost: 1 recompute + 2 GEMM passes of N*H*V (4 with the forward).
 
-Gradient w.r.t. the tempered logits z (then divided by T for the raw logits):
+Gradient w.r.t. the final logits z (then times dz/dx = inv_temp, or inv_temp * cap * (1 - tanh^2) with
+a softcap, for the raw logits x):
   log-prob  log p_y           ->  onehot(y) - p
   entropy   H = -sum p log p   ->  -p (log p + H)
 """
@@ -25,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import by_dot_kind, configs, dot_flags, grouped_pid, interpreting, logits_tile, num_sms
+from ._common import (by_dot_kind, configs, dot_flags, grouped_pid, interpreting, logits_tile, num_sms, softcap_tile,
+                      tanh_tile)
 from .matmul import matmul_acc
 
 # Vocabulary splits are multiples of this, so that every BLOCK_V among the configs tiles a split evenly.
@@ -56,15 +62,16 @@ _GEMM_CONFIGS = configs(
 @triton.jit
 def _stats_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, logits_ptr, part_ptr,
-    N, V, H, v_per_split, n_splits, inv_temp, stride_h, stride_w, stride_logits,
-    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    N, V, H, v_per_split, n_splits, inv_temp, cap, stride_h, stride_w, stride_logits,
+    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, STORE_LOGITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Per (token tile, vocab split): online (m, s, t) and the label logit; optionally stores the fp32 logits.
 
     STORE_LOGITS is used only by the single-pass loss (kernels/fused_linear_loss.py), which keeps one token
-    chunk's logits to avoid recomputing them; linear_logprobs never stores any.
+    chunk's logits to avoid recomputing them; linear_logprobs never stores any. With HAS_SOFTCAP what is stored
+    is the tanh's argument x * inv_temp: the backward takes both tanh and its derivative from it.
     """
     pid_n, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,6 +95,8 @@ def _stats_kernel(
         if STORE_LOGITS:
             out = logits_ptr + rows.to(tl.int64)[:, None] * stride_logits + cols[None, :]
             tl.store(out, z, mask=row_mask[:, None] & col_mask[None, :])
+        if HAS_SOFTCAP:
+            z, _ = softcap_tile(z, cap)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         # Every tile holds >= 1 in-range column (v0 < v_hi), so m_new is finite: no (-inf) - (-inf).
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -129,8 +138,8 @@ def vocab_splits(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, 
     return triton.cdiv(vocab, per_split), per_split
 
 
-def launch_stats(hidden, weight, bias, labels, inv_temp, entropy, logits=None):
-    """Run the forward kernel; returns the [4, splits, N] partials (m, s, t, label logit)."""
+def launch_stats(hidden, weight, bias, labels, inv_temp, entropy, logits=None, cap=None):
+    """Run the forward kernel; returns the [4, splits, N] partials (m, s, t, label logit). cap: see the module docstring."""
     n, h = hidden.shape
     v = weight.shape[0]
     n_splits, per_split = vocab_splits(n, v, hidden.device)
@@ -139,9 +148,10 @@ def launch_stats(hidden, weight, bias, labels, inv_temp, entropy, logits=None):
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)  # noqa: E731
     _stats_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, labels, logits if logits is not None else part, part,
-        n, v, h, per_split, n_splits, inv_temp, hidden.stride(0), weight.stride(0),
+        n, v, h, per_split, n_splits, inv_temp, 1.0 if cap is None else cap, hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0,
-        HAS_BIAS=bias is not None, ENTROPY=entropy, STORE_LOGITS=logits is not None, DOT_F32=dot_f32, IEEE=ieee,
+        HAS_BIAS=bias is not None, ENTROPY=entropy, STORE_LOGITS=logits is not None, HAS_SOFTCAP=cap is not None,
+        DOT_F32=dot_f32, IEEE=ieee,
     )
     return part
 
@@ -165,22 +175,23 @@ def combine_stats(part: torch.Tensor, valid: torch.Tensor, entropy: bool):
     return logprobs, ent, m, log_s
 
 
-def linear_logprobs_fwd(hidden, weight, bias, labels, inv_temp: float, ignore_index: int, entropy: bool):
+def linear_logprobs_fwd(hidden, weight, bias, labels, inv_temp: float, ignore_index: int, entropy: bool, cap=None):
     """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 -> (logprobs, entropy|None, m, log_s).
 
+    (inv_temp, cap): the logit transform (see the module docstring).
     All [N] fp32; logprobs and entropy are 0 where labels == ignore_index; (m, log_s) feed the backward.
     """
     n = hidden.shape[0]
     if n == 0:
         z = hidden.new_zeros(0, dtype=torch.float32)
         return z, (z if entropy else None), z, z
-    part = launch_stats(hidden, weight, bias, labels, inv_temp, entropy)
+    part = launch_stats(hidden, weight, bias, labels, inv_temp, entropy, cap=cap)
     return combine_stats(part, labels != ignore_index, entropy)
 
 
 @triton.jit
 def logprob_entropy_grad(z, cols, labels, m, log_s, ent, g_lp, g_ent, ENTROPY: tl.constexpr):
-    """d(g_lp log p_y + g_ent H)/dz for a tile of tempered logits z [BN, BV] (per-token vectors [BN])."""
+    """d(g_lp log p_y + g_ent H)/dz for a tile of final logits z [BN, BV] (per-token vectors [BN])."""
     logp = (z - m[:, None]) - log_s[:, None]
     p = tl.exp(logp)
     onehot = cols[None, :] == labels[:, None]
@@ -195,15 +206,15 @@ def logprob_entropy_grad(z, cols, labels, m, log_s, ent, g_lp, g_ent, ENTROPY: t
 @triton.jit
 def _dlogits_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, m_ptr, logs_ptr, ent_ptr, g_ptr, gent_ptr,
-    rh_ptr, rw_ptr, rm_ptr, rlogs_ptr, out_ptr,
-    N, H, HR, v_start, v_end, inv_temp, stride_h, stride_w, stride_rh, stride_rw, stride_out,
+    rh_ptr, rw_ptr, rb_ptr, rm_ptr, rlogs_ptr, out_ptr,
+    N, H, HR, v_start, v_end, inv_temp, cap, stride_h, stride_w, stride_rh, stride_rw, stride_out,
     HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-    REF_DOT_F32: tl.constexpr, REF_IEEE: tl.constexpr,
+    REF_DOT_F32: tl.constexpr, REF_IEEE: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    """out[:, v - v_start] = dz / T for v in [v_start, v_end): one (token tile, vocab tile) per program.
+    """out[:, v - v_start] = dloss/dx (x the raw logits) for v in [v_start, v_end): one (token tile, vocab tile) per program.
 
-    Recomputes the tile's logits (and, for KL, the reference logits) instead of reading stored ones.
+    Recomputes the tile's logits (and, for KL, the reference logits, same transform) instead of reading stored ones.
     Without KL: gradient of g . logprob (+ g_ent . entropy). With KL (ent_ptr holds the per-token KL,
     g_ptr its upstream gradient, rm/rlogs the reference's m/log_s): dKL/dz = p (log p - log q - KL).
     Each output element is written by exactly one program.
@@ -224,7 +235,18 @@ def _dlogits_kernel(
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # 0 for padding rows -> dz = 0 there
     if KL:
         zr = logits_tile(rh_ptr, rw_ptr, rows, cols, row_mask, col_mask, HR, stride_rh, stride_rw,
-                         BLOCK_N, BLOCK_V, BLOCK_K, REF_DOT_F32, REF_IEEE) * inv_temp
+                         BLOCK_N, BLOCK_V, BLOCK_K, REF_DOT_F32, REF_IEEE)
+        if HAS_REF_BIAS:
+            zr += tl.load(rb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        zr = zr * inv_temp
+        if HAS_SOFTCAP:
+            zr, _ = softcap_tile(zr, cap)
+            # After the reference GEMM, and 1 - tanh^2 from tanh itself (quantized where tanh saturates, ~6e-8 /
+            # (1 - |tanh|) relative): with softcap_tile's exact form here the bf16 configs spill 300-750 bytes per
+            # thread (ptxas -v, sm_90a), as they do with it before the reference GEMM.
+            t = tanh_tile(z)
+            z = t * cap
+            dcap = (1.0 - t) * (1.0 + t)
         rm = tl.load(rm_ptr + rows, mask=row_mask, other=0.0)
         rlog_s = tl.load(rlogs_ptr + rows, mask=row_mask, other=0.0)
         kl = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
@@ -232,6 +254,8 @@ def _dlogits_kernel(
         logq = (zr - rm[:, None]) - rlog_s[:, None]
         dz = g[:, None] * tl.exp(logp) * (logp - logq - kl[:, None])
     else:
+        if HAS_SOFTCAP:
+            z, dcap = softcap_tile(z, cap)
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
         if ENTROPY:
             ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
@@ -240,24 +264,28 @@ def _dlogits_kernel(
             ent = m
             g_ent = g
         dz = logprob_entropy_grad(z, cols, labels, m, log_s, ent, g, g_ent, ENTROPY)
+    if HAS_SOFTCAP:
+        dz = dz * (dcap * cap)  # dz/dx = inv_temp * cap * (1 - tanh^2)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + (cols - v_start)[None, :]
     tl.store(out, (dz * inv_temp).to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def launch_dlogits(out, v_start, v_end, hidden, weight, bias, labels, m, log_s, ent, g, g_ent, inv_temp, ref=None):
-    """Fill out[:, :v_end - v_start] with dz / T. ``ref`` = (ref_hidden, ref_weight, ref_m, ref_log_s) for KL."""
+def launch_dlogits(out, v_start, v_end, hidden, weight, bias, labels, m, log_s, ent, g, g_ent, inv_temp, ref=None,
+                   cap=None):
+    """Fill out[:, :v_end - v_start] with dloss/dx for the raw logits x. ``ref`` = (ref_hidden, ref_weight, ref_bias
+    or None, ref_m, ref_log_s) for KL; (inv_temp, cap): the logit transform (see the module docstring)."""
     n, h = hidden.shape
     dot_f32, ieee = dot_flags(hidden.dtype)
-    rh, rw, rm, rlog_s = ref if ref is not None else (hidden, weight, m, log_s)
+    rh, rw, rb, rm, rlog_s = ref if ref is not None else (hidden, weight, None, m, log_s)
     ref_dot_f32, ref_ieee = dot_flags(rh.dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_end - v_start, meta["BLOCK_V"]),)  # noqa: E731
     _dlogits_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, labels if labels is not None else m, m, log_s,
-        ent if ent is not None else m, g, g_ent if g_ent is not None else g, rh, rw, rm, rlog_s, out,
-        n, h, rh.shape[1], v_start, v_end, inv_temp, hidden.stride(0), weight.stride(0), rh.stride(0),
-        rw.stride(0), out.stride(0),
+        ent if ent is not None else m, g, g_ent if g_ent is not None else g, rh, rw, rb if rb is not None else rh,
+        rm, rlog_s, out, n, h, rh.shape[1], v_start, v_end, inv_temp, 1.0 if cap is None else cap,
+        hidden.stride(0), weight.stride(0), rh.stride(0), rw.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, ENTROPY=g_ent is not None, KL=ref is not None, DOT_F32=dot_f32, IEEE=ieee,
-        REF_DOT_F32=ref_dot_f32, REF_IEEE=ref_ieee,
+        REF_DOT_F32=ref_dot_f32, REF_IEEE=ref_ieee, HAS_REF_BIAS=rb is not None, HAS_SOFTCAP=cap is not None,
     )
 
 
@@ -276,7 +304,7 @@ def vocab_chunk(n_tokens: int, hidden_size: int, vocab: int, elem_bytes: int) ->
 def head_grads(hidden, weight, fill, need_dh: bool, need_dw: bool, need_db: bool):
     """(dhidden, dweight, dbias) of sum(dz * logits) for logits = hidden @ weight.T (+ bias).
 
-    ``fill(buf, v0, v1)`` writes dz[:, v0:v1] (already divided by T) into buf[:, :v1 - v0]. dweight rows of
+    ``fill(buf, v0, v1)`` writes dz[:, v0:v1] (w.r.t. the raw logits: through the transform) into buf[:, :v1 - v0]. dweight rows of
     a chunk are one GEMM over all tokens (fp32 inside, one rounding); dhidden sums over chunks in fp32.
     """
     n, _ = hidden.shape
@@ -314,7 +342,7 @@ def head_grads(hidden, weight, fill, need_dh: bool, need_dw: bool, need_db: bool
 
 
 def linear_logprobs_bwd(hidden, weight, bias, labels, m, log_s, entropy, g_lp, g_ent, inv_temp: float,
-                        ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool):
+                        ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool, cap=None):
     """Gradients of sum(g_lp * logprobs + g_ent * entropy) w.r.t. hidden, weight, bias (inputs' dtypes).
 
     g_lp / g_ent: [N] upstream gradients or None (entropy's only when the forward computed it).
@@ -327,7 +355,7 @@ def linear_logprobs_bwd(hidden, weight, bias, labels, m, log_s, entropy, g_lp, g
                 torch.zeros(weight.shape[0], device=weight.device) if need_db else None)
 
     def fill(buf, v0, v1):
-        launch_dlogits(buf, v0, v1, hidden, weight, bias, labels, m, log_s, entropy, g, ge, inv_temp)
+        launch_dlogits(buf, v0, v1, hidden, weight, bias, labels, m, log_s, entropy, g, ge, inv_temp, cap=cap)
 
     dh, dw, db = head_grads(hidden, weight, fill, need_dh, need_dw, need_db)
     if db is not None:

@@ -451,7 +451,7 @@ from rlhf_fast_kernels._common import by_dot_kind
 DIV16 = {"H", "HR", "V", "K", "M", "N", "T", "stride_h", "stride_w", "stride_rh", "stride_rw", "stride_logits",
          "stride_out", "stride_z", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "v_per_split",
          "v_start", "v_end", "chunk_len"}
-FLOATS = {"inv_temp", "gamma", "gl"}
+FLOATS = {"inv_temp", "cap", "gamma", "gl"}
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 report = []
 
@@ -475,7 +475,7 @@ def build(kernel, ptrs, consts, cfg=None, check=True):
     if check:  # GEMM kernels: registers that fit, and (bf16) Hopper's wgmma instructions
         ptx = compiled.asm["ptx"]
         report.append(dict(kernel=fn.__name__, dtype=ptrs["h_ptr" if "h_ptr" in ptrs else "a_ptr"], config=str(cfg),
-                           wgmma="wgmma" in ptx, spill=spill_bytes(ptx)))
+                           softcap=bool(consts.get("HAS_SOFTCAP")), wgmma="wgmma" in ptx, spill=spill_bytes(ptx)))
 
 for dt in ("bf16", "fp32"):
     f32 = dt == "fp32"
@@ -483,19 +483,25 @@ for dt in ("bf16", "fp32"):
     ref = dict(REF_DOT_F32=f32, REF_IEEE=f32)
     p = f"*{dt}"
     for cfg in by_dot_kind(LP._GEMM_CONFIGS, {}, DOT_F32=f32):  # every autotune candidate the launch can pick
-        for store in (False, True):
+        for store in (False, True):  # the softcap's tanh compiled in one of the two
             build(LP._stats_kernel, dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", logits_ptr="*fp32", part_ptr="*fp32"),
-                  dict(HAS_BIAS=True, ENTROPY=True, STORE_LOGITS=store, **flags), cfg)
-        ptrs = dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", rh_ptr=p, rw_ptr=p, out_ptr=p)
+                  dict(HAS_BIAS=True, ENTROPY=True, STORE_LOGITS=store, HAS_SOFTCAP=store, **flags), cfg)
+        ptrs = dict(h_ptr=p, w_ptr=p, b_ptr=p, labels_ptr="*i64", rh_ptr=p, rw_ptr=p, rb_ptr=p, out_ptr=p)
         for kl in (False, True):
-            build(LP._dlogits_kernel, ptrs, dict(HAS_BIAS=not kl, ENTROPY=not kl, KL=kl, **flags, **ref), cfg)
-        build(KL._kl_stats_kernel, dict(h_ptr=p, w_ptr=p, rh_ptr=p, rw_ptr=p), dict(**flags, **ref), cfg)
+            for cap in (False, True):
+                build(LP._dlogits_kernel, ptrs, dict(HAS_BIAS=not kl, ENTROPY=not kl, KL=kl, HAS_REF_BIAS=kl and cap,
+                                                     HAS_SOFTCAP=cap, **flags, **ref), cfg)
+        for cap in (False, True):  # today's path, and biases + softcap on both logits tiles
+            build(KL._kl_stats_kernel, dict(h_ptr=p, w_ptr=p, b_ptr=p, rh_ptr=p, rw_ptr=p, rb_ptr=p),
+                  dict(HAS_BIAS=cap, HAS_REF_BIAS=cap, HAS_SOFTCAP=cap, **flags, **ref), cfg)
     # A launch turns an int equal to 1 into a constexpr: compile the unit strides of the two callers' layouts,
     # dh += dz @ weight[chunk] (linear_logprobs) and dw += dz.T @ hidden[group] (fused_linear_loss).
     for unit in (("stride_ak", "stride_bn", "stride_cn"), ("stride_am", "stride_bn", "stride_cn")):
         for cfg in by_dot_kind(MM._CONFIGS, {}, DOT_F32=f32):
             build(MM._matmul_acc_kernel, dict(a_ptr=p, b_ptr=p, c_ptr="*fp32"), dict(flags, **dict.fromkeys(unit, 1)), cfg)
-    build(FL._dlogits_from_logits_kernel, dict(labels_ptr="*i64", out_ptr=p), dict(ENTROPY=True), FL._ELEMENTWISE_CONFIGS[0], check=False)
+    for cap in (False, True):
+        build(FL._dlogits_from_logits_kernel, dict(labels_ptr="*i64", out_ptr=p), dict(ENTROPY=True, HAS_SOFTCAP=cap),
+              FL._ELEMENTWISE_CONFIGS[0], check=False)
 for kernel in (G._chunk_summary_kernel, G._gae_scan_kernel):
     for block_b, block_t in ((1, 1024), (2, 16)):
         build(kernel, dict(m_ptr="*u8"), dict(BLOCK_B=block_b, BLOCK_T=block_t), check=False)
@@ -524,4 +530,6 @@ def test_kernels_compile_for_hopper():
     heavy = [row for row in report if row["kernel"] != "_kl_stats_kernel" and row["spill"] > 64]
     assert not heavy, heavy
     for dtype in ("*bf16", "*fp32"):
-        assert min(r["spill"] for r in report if r["kernel"] == "_kl_stats_kernel" and r["dtype"] == dtype) <= 64
+        for cap in (False, True):
+            assert min(r["spill"] for r in report if r["kernel"] == "_kl_stats_kernel" and r["dtype"] == dtype
+                       and r["softcap"] == cap) <= 64

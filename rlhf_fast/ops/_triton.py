@@ -1,8 +1,9 @@
 """The "triton" backend: autograd around the kernels of ``rlhf_fast_kernels`` (the repo's kernels/ folder).
 
 Inputs arrive validated, flattened and contiguous (see the public ops): hidden [N, H], weight [V, H] of one
-dtype, labels [N] int64 (valid or ignore_index). The kernels accumulate in fp32 and return gradients in the
-inputs' dtypes; see kernels/*.py for the tiling and why no reduction races.
+dtype, labels [N] int64 (valid or ignore_index), the logit transform as a ``_torch.Transform`` (its mult and
+cap are the kernels' inv_temp and cap). The kernels accumulate in fp32 and return gradients in the inputs'
+dtypes; see kernels/*.py for the tiling and why no reduction races.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from rlhf_fast_kernels import fused_linear_loss as _fused
 from rlhf_fast_kernels import gae as _gae
 from rlhf_fast_kernels import linear_kl as _kl
 from rlhf_fast_kernels import linear_logprobs as _lp
+
+from ._torch import Transform
 
 
 def _on_inputs_gpu(fn):
@@ -34,63 +37,67 @@ def _on_inputs_gpu(fn):
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy):
-        inv_t = 1.0 / temperature
-        logprobs, entropy, m, log_s = _lp.linear_logprobs_fwd(hidden, weight, bias, labels, inv_t, ignore_index, return_entropy)
+    def forward(ctx, hidden, weight, bias, labels, tf, ignore_index, return_entropy):
+        logprobs, entropy, m, log_s = _lp.linear_logprobs_fwd(hidden, weight, bias, labels, tf.mult, ignore_index,
+                                                              return_entropy, cap=tf.cap)
         ctx.save_for_backward(hidden, weight, bias, labels, m, log_s, entropy)
-        ctx.cfg = (inv_t, ignore_index)
+        ctx.cfg = (tf, ignore_index)
         return logprobs, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_lp, g_ent):
         hidden, weight, bias, labels, m, log_s, entropy = ctx.saved_tensors
-        inv_t, ignore_index = ctx.cfg
+        tf, ignore_index = ctx.cfg
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dh, dw, db = _lp.linear_logprobs_bwd(
             hidden, weight, bias, labels, m, log_s, entropy, g_lp, g_ent if entropy is not None else None,
-            inv_t, ignore_index, need_dh, need_dw, need_db and bias is not None,
+            tf.mult, ignore_index, need_dh, need_dw, need_db and bias is not None, cap=tf.cap,
         )
         return dh, dw, db, None, None, None, None
 
 
 @_on_inputs_gpu
-def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, temperature: float,
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, tf: Transform,
                     ignore_index: int, return_entropy: bool) -> tuple[Tensor, Tensor | None]:
     """(logprobs [N] fp32, entropy [N] fp32 or None), 0 where ignored; differentiable w.r.t. hidden, weight, bias."""
     if bias is not None:
         bias = bias.contiguous()
-    return _LinearLogprobs.apply(hidden, weight, bias, labels, temperature, ignore_index, return_entropy)
+    return _LinearLogprobs.apply(hidden, weight, bias, labels, tf, ignore_index, return_entropy)
 
 
 class _LinearKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, valid, temperature):
-        inv_t = 1.0 / temperature
-        kl, m, log_s, ref_m, ref_log_s = _kl.linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, inv_t)
-        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, valid, kl, m, log_s, ref_m, ref_log_s)
-        ctx.inv_t = inv_t
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, tf):
+        kl, m, log_s, ref_m, ref_log_s = _kl.linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, tf.mult,
+                                                           bias=bias, ref_bias=ref_bias, cap=tf.cap)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, kl, m, log_s, ref_m, ref_log_s)
+        ctx.tf = tf
         return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_kl):
-        hidden, weight, ref_hidden, ref_weight, valid, kl, m, log_s, ref_m, ref_log_s = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[:2]
-        dh, dw = _kl.linear_kl_bwd(hidden, weight, ref_hidden, ref_weight, valid, kl, m, log_s, ref_m, ref_log_s,
-                                 g_kl, ctx.inv_t, need_dh, need_dw)
-        return dh, dw, None, None, None, None
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, kl, m, log_s, ref_m, ref_log_s = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        dh, dw, db = _kl.linear_kl_bwd(hidden, weight, ref_hidden, ref_weight, valid, kl, m, log_s, ref_m, ref_log_s,
+                                       g_kl, ctx.tf.mult, need_dh, need_dw, bias=bias, ref_bias=ref_bias,
+                                       cap=ctx.tf.cap, need_db=need_db and bias is not None)
+        return dh, dw, db, None, None, None, None, None
 
 
 @_on_inputs_gpu
-def linear_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, labels: Tensor | None,
-              temperature: float, ignore_index: int) -> Tensor:
-    """Exact KL(pi || pi_ref) [N] fp32 per token, 0 where labels == ignore_index; differentiable w.r.t. hidden, weight."""
+def linear_kl(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hidden: Tensor, ref_weight: Tensor,
+              ref_bias: Tensor | None, labels: Tensor | None, tf: Transform, ignore_index: int) -> Tensor:
+    """Exact KL(pi || pi_ref) [N] fp32 per token, 0 where labels == ignore_index; differentiable w.r.t. hidden,
+    weight, bias (the reference side is constant)."""
     if labels is None:
         valid = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
     else:
         valid = labels != ignore_index
-    return _LinearKL.apply(hidden, weight, ref_hidden.detach(), ref_weight.detach(), valid, temperature)
+    bias = None if bias is None else bias.contiguous()
+    ref_bias = None if ref_bias is None else ref_bias.detach().contiguous()
+    return _LinearKL.apply(hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(), ref_bias, valid, tf)
 
 
 def _token_grads(token_loss_fn, need_entropy: bool):
@@ -113,11 +120,11 @@ def _token_grads(token_loss_fn, need_entropy: bool):
 
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, token_loss_fn, need_entropy, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, tf, ignore_index, token_loss_fn, need_entropy, chunk_size):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         loss, logprobs, entropy, dh, dw, db = _fused.fused_linear_loss(
-            hidden, weight, labels, bias, 1.0 / temperature, ignore_index, _token_grads(token_loss_fn, need_entropy),
-            need_entropy, chunk_size, need_dh, need_dw, need_db and bias is not None,
+            hidden, weight, labels, bias, tf.mult, ignore_index, _token_grads(token_loss_fn, need_entropy),
+            need_entropy, chunk_size, need_dh, need_dw, need_db and bias is not None, cap=tf.cap,
         )
         ctx.save_for_backward(dh, dw, db)
         ctx.mark_non_differentiable(logprobs, *(() if entropy is None else (entropy,)))
@@ -132,12 +139,12 @@ class _FusedLinearLoss(torch.autograd.Function):
 
 
 @_on_inputs_gpu
-def fused_linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, temperature: float,
+def fused_linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, tf: Transform,
                       ignore_index: int, token_loss_fn, need_entropy: bool, chunk_size: int | None):
     """Single-pass loss: (loss 0-d differentiable w.r.t. hidden/weight/bias, logprobs [N], entropy [N] or None), detached."""
     if bias is not None:
         bias = bias.contiguous()
-    return _FusedLinearLoss.apply(hidden, weight, bias, labels.contiguous(), temperature, ignore_index, token_loss_fn,
+    return _FusedLinearLoss.apply(hidden, weight, bias, labels.contiguous(), tf, ignore_index, token_loss_fn,
                                   need_entropy, chunk_size)
 
 

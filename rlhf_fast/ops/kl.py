@@ -7,7 +7,7 @@ from torch import Tensor
 from . import _checks, _torch
 from ._backend import resolve
 from ._rows import ValidRows
-from .logprobs import _chunk_size
+from .logprobs import _chunk_size, _transform
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
@@ -58,30 +58,45 @@ def linear_kl(
     ref_weight: Tensor,
     labels: Tensor | None = None,
     *,
+    bias: Tensor | None = None,
+    ref_bias: Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
 ) -> Tensor:
     """Exact per-token KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v)) over the full vocabulary, fused.
 
-    pi = softmax(hidden @ weight.T / temperature), pi_ref = softmax(ref_hidden @ ref_weight.T / temperature);
-    neither logits tensor is materialized beyond a chunk. Unlike the sampled estimators of :func:`kl_penalty`
+    pi = softmax(f(hidden @ weight.T + bias)), pi_ref = softmax(f(ref_hidden @ ref_weight.T + ref_bias)), with
+    f(x) = softcap * tanh(logit_scale * x / softcap) / temperature (without softcap: logit_scale * x / temperature),
+    the logit transform of :func:`linear_logprobs` (which names the models' settings). One transform serves
+    both distributions: the reference is a checkpoint of the same family, with the same head scale / softcap.
+    Neither logits tensor is materialized beyond a chunk. Unlike the sampled estimators of :func:`kl_penalty`
     this has no variance.
 
     Args:
         hidden: [..., H] float32/bfloat16/float16 policy hidden states; weight: [V, H] same dtype.
         ref_hidden: [..., Hr] reference hidden states (same leading shape); ref_weight: [V, Hr], same V.
         labels: optional [...] int64; only its ``ignore_index`` positions are used (KL 0 there, no gradient).
-        temperature: > 0, applied to both distributions.
+        bias: optional [V] policy head bias (weight's dtype); ref_bias: optional [V] reference head bias (ref_weight's).
+        temperature: > 0; logit_scale: finite > 0; softcap: None or finite > 0. Applied to both distributions.
         backend: "auto" | "torch" | "triton"; chunk_size: tokens per chunk for "torch".
     Returns:
-        kl [...] float32, nats, >= 0 (up to rounding). Differentiable w.r.t. hidden and weight (the reference is constant).
+        kl [...] float32, nats, >= 0 (up to rounding). Differentiable w.r.t. hidden, weight and bias (the reference
+        is constant).
     Raises:
         TypeError / ValueError naming the argument; RuntimeError if the backend cannot run here.
     """
-    _checks.linear_head(hidden, weight)
+    _checks.linear_head(hidden, weight, bias)
     _checks.linear_head(ref_hidden, ref_weight, hidden_name="ref_hidden", weight_name="ref_weight")
+    if ref_bias is not None:
+        _checks.float_tensor("ref_bias", ref_bias, ndim=1)
+        _checks.same_dtype("ref_bias", ref_bias, "ref_weight", ref_weight)
+        _checks.same_device("ref_bias", ref_bias, "ref_weight", ref_weight)
+        if ref_bias.shape[0] != ref_weight.shape[0]:
+            raise ValueError(f"ref_bias: expected shape [{ref_weight.shape[0]}] (ref_weight's V), got {tuple(ref_bias.shape)}")
     if ref_hidden.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(f"ref_hidden: expected leading shape {tuple(hidden.shape[:-1])} (hidden's), got {tuple(ref_hidden.shape[:-1])}")
     _checks.same_device("ref_hidden", ref_hidden, "hidden", hidden)
@@ -90,7 +105,7 @@ def linear_kl(
     vocab = weight.shape[0]
     if labels is not None:
         _checks.labels_for("labels", labels, hidden, vocab, ignore_index)
-    temperature = _checks.positive("temperature", temperature)
+    tf = _transform(temperature, logit_scale, softcap)
     backend = resolve(backend, "linear_kl", hidden.device, ("torch", "triton"))
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -102,10 +117,12 @@ def linear_kl(
     if backend == "triton":
         from . import _triton
 
-        kl = _triton.linear_kl(h2.contiguous(), weight.contiguous(), r2.detach().contiguous(), ref_weight.detach().contiguous(), l1, temperature, ignore_index)
+        kl = _triton.linear_kl(h2.contiguous(), weight.contiguous(), bias, r2.detach().contiguous(),
+                               ref_weight.detach().contiguous(), ref_bias, l1, tf, ignore_index)
     else:
         valid = torch.ones(h2.shape[0], dtype=torch.bool, device=hidden.device) if l1 is None else l1 != ignore_index
-        kl = _torch.linear_kl(h2, weight, r2, ref_weight, valid, temperature, _chunk_size(chunk_size, vocab, hidden.device))
+        chunk = _chunk_size(chunk_size, vocab, hidden.device, softcap is not None)
+        kl = _torch.linear_kl(h2, weight, bias, r2, ref_weight, ref_bias, valid, tf, chunk)
     if l1 is not None:
         kl = rows.put(kl)
     return kl.view(lead)

@@ -8,12 +8,21 @@ from ._backend import resolve
 from ._rows import ValidRows
 
 
-def _chunk_size(chunk_size, vocab: int, device) -> int:
+def _chunk_size(chunk_size, vocab: int, device, softcap: bool = False) -> int:
     if chunk_size is None:
-        return _torch.default_chunk_size(vocab, device)
+        return _torch.default_chunk_size(vocab, device, softcap)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     return chunk_size
+
+
+def _transform(temperature, logit_scale, softcap) -> _torch.Transform:
+    """The validated logit transform shared by the fused ops (see :func:`linear_logprobs`)."""
+    temperature = _checks.positive("temperature", temperature)
+    # a negative scale would be well defined, but no model uses one: more likely a sign slip than intended
+    logit_scale = _checks.positive("logit_scale", logit_scale)
+    softcap = _checks.positive("softcap", softcap, allow_none=True)
+    return _torch.Transform.of(temperature, logit_scale, softcap)
 
 
 def linear_logprobs(
@@ -23,12 +32,26 @@ def linear_logprobs(
     *,
     bias: Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
 ):
-    """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature), fused.
+    """Log-probability of each label under softmax(z), z the transformed logits below, fused.
+
+    The logits are z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature
+    (without softcap: z = logit_scale * (hidden @ weight.T + bias) / temperature), in the order the models apply
+    them in transformers: the head's scale right after the lm_head matmul, then the softcap, then the sampling
+    temperature. Model settings: Cohere/Command-R ``logit_scale`` -> logit_scale=config.logit_scale (logits *
+    scale); Granite ``logits_scaling`` -> logit_scale=1 / config.logits_scaling (Granite divides); Falcon-H1
+    ``lm_head_multiplier`` -> logit_scale=config.lm_head_multiplier; Gemma-2/3 ``final_logit_softcapping`` ->
+    softcap=config.final_logit_softcapping (tanh(z / cap) * cap on the lm_head output). No model in transformers
+    applies both; where both are given the scale comes first.
+
+    The gradient goes through the transform: dz/dx = logit_scale * (1 - tanh^2) / temperature (logit_scale /
+    temperature without softcap) for the raw logits x = hidden @ weight.T + bias.
 
     Never holds more than ``chunk_size`` x V logits ("torch") or any logits tile in global memory
     ("triton"); backward recomputes them. Accumulates in fp32 whatever the input dtype.
@@ -39,6 +62,8 @@ def linear_logprobs(
         labels: [...] int64 (``hidden``'s leading shape), each in [0, V) or ``ignore_index``.
         bias: optional [V] bias, same dtype.
         temperature: > 0; logits are divided by it (use the sampling temperature when scoring rollouts).
+        logit_scale: finite > 0, multiplies the head's logits (1: none).
+        softcap: None (none) or finite > 0: the tanh cap, applied after logit_scale.
         ignore_index: label value whose outputs are 0 and that get no gradient.
         return_entropy: also return the entropy of the same distribution.
         backend: "auto" | "torch" | "triton" ("auto": triton on CUDA, torch on CPU).
@@ -50,12 +75,12 @@ def linear_logprobs(
 
     Raises:
         TypeError / ValueError naming the argument for wrong dtypes, shapes, devices, labels out of range,
-        temperature <= 0; RuntimeError if the requested backend cannot run here.
+        temperature, logit_scale or softcap not finite and > 0; RuntimeError if the requested backend cannot run here.
     """
     _checks.linear_head(hidden, weight, bias)
     vocab = weight.shape[0]
     _checks.labels_for("labels", labels, hidden, vocab, ignore_index)
-    temperature = _checks.positive("temperature", temperature)
+    tf = _transform(temperature, logit_scale, softcap)
     backend = resolve(backend, "linear_logprobs", hidden.device, ("torch", "triton"))
     lead = labels.shape
     l1 = labels.reshape(-1)
@@ -64,11 +89,12 @@ def linear_logprobs(
     if backend == "triton":
         from . import _triton
 
-        logprobs, entropy = _triton.linear_logprobs(h2.contiguous(), weight.contiguous(), l1.contiguous(), bias, temperature, ignore_index, return_entropy)
+        logprobs, entropy = _triton.linear_logprobs(h2.contiguous(), weight.contiguous(), l1.contiguous(), bias, tf, ignore_index, return_entropy)
     else:
-        chunk = _chunk_size(chunk_size, vocab, hidden.device)
-        logprobs, entropy = _torch.linear_logprobs(h2, weight, l1, bias, temperature, ignore_index, return_entropy, chunk)
+        chunk = _chunk_size(chunk_size, vocab, hidden.device, softcap is not None)
+        logprobs, entropy = _torch.linear_logprobs(h2, weight, l1, bias, tf, ignore_index, return_entropy, chunk)
     logprobs, entropy = rows.put(logprobs), rows.put(entropy)
     if return_entropy:
         return logprobs.view(lead), entropy.view(lead)
     return logprobs.view(lead)
+

@@ -12,7 +12,7 @@ from . import _checks, _torch
 from ._backend import resolve
 from ._rows import ValidRows
 from .kl import KL_ESTIMATORS, kl_penalty
-from .logprobs import _chunk_size, linear_logprobs
+from .logprobs import _chunk_size, _transform, linear_logprobs
 from .masked import masked_mean
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -292,7 +292,10 @@ def linear_ppo_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     kl_log_ratio_clip: float | None = 20.0,
+    bias: Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     loss_agg: str = "token-mean",
     loss_norm_length: int | None = None,
     policy_loss: str = "ppo_clip",
@@ -305,7 +308,8 @@ def linear_ppo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Single-pass policy loss straight from hidden states: log-probs, entropy, loss and gradients together.
 
-    Equals ``ppo_policy_loss(linear_logprobs(hidden, weight, labels, temperature=...), old_logprobs, advantages,
+    Equals ``ppo_policy_loss(linear_logprobs(hidden, weight, labels, bias=..., temperature=..., logit_scale=...,
+    softcap=...), old_logprobs, advantages,
     response_mask, ...)[0] - entropy_coef * agg(entropy)`` (with its in-loss KL: + kl_coef * agg(kl_penalty(
     logprobs, ref_logprobs, kl_estimator, log_ratio_clip=kl_log_ratio_clip))) in value and gradient (agg as
     ``loss_agg``). With importance_ratio="token" every variant is per-token separable: dloss/dlogprob is known as
@@ -315,7 +319,7 @@ def linear_ppo_loss(
     as ``linear_logprobs`` (autograd, 4 matmul passes: 2 forward, 2 backward) followed by ``ppo_policy_loss``.
 
     Args:
-        hidden: [B, T, H] (or [..., H]) float32/bfloat16/float16; weight: [V, H] same dtype.
+        hidden: [B, T, H] (or [..., H]) float32/bfloat16/float16; weight: [V, H] same dtype; bias: optional [V], same dtype.
         labels: hidden's leading shape, int64 in [0, V) or ignore_index; positions outside response_mask are ignored.
         old_logprobs, advantages (and ref_logprobs when kl_coef != 0): float32/float64, labels' shape, nats.
         response_mask: bool or 0/1, labels' shape; every valid position needs a valid label.
@@ -323,16 +327,19 @@ def linear_ppo_loss(
             sapo_tau_pos, sapo_tau_neg, kl_log_ratio_clip: as in :func:`ppo_policy_loss` ("sequence" and the
             seq-* aggregations need [B, T] inputs).
         entropy_coef: >= 0 weight of the entropy bonus. kl_coef: >= 0 weight of the in-loss KL penalty
-            (estimator ``kl_estimator`` in k1|k2|k3|abs against ``ref_logprobs``). temperature: > 0.
+            (estimator ``kl_estimator`` in k1|k2|k3|abs against ``ref_logprobs``).
+        temperature: > 0; logit_scale: finite > 0; softcap: None or finite > 0: the logit transform of
+            :func:`linear_logprobs`, z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature
+            (there: which model setting maps to which argument).
         backend: "auto" | "torch" | "triton".
     Returns:
-        (loss 0-d differentiable w.r.t. hidden and weight, stats): ppo_policy_loss's stats plus ``entropy`` (0-d
+        (loss 0-d differentiable w.r.t. hidden, weight and bias, stats): ppo_policy_loss's stats plus ``entropy`` (0-d
         masked mean, nats), ``kl`` (0-d masked mean of the clamped estimator, when kl_coef != 0) and the per-token
         detached ``logprobs`` and ``entropies`` (labels' shape, float32).
     Raises:
         TypeError / ValueError naming the argument; RuntimeError if the backend cannot run here.
     """
-    _checks.linear_head(hidden, weight)
+    _checks.linear_head(hidden, weight, bias)
     vocab = weight.shape[0]
     _checks.labels_for("labels", labels, hidden, vocab, ignore_index)
     mask = _check_token_tensors("old_logprobs", old_logprobs, response_mask, advantages=advantages)
@@ -340,15 +347,16 @@ def linear_ppo_loss(
     _checks.same_device("old_logprobs", old_logprobs, "hidden", hidden)
     cfg = _check_policy(policy_loss, importance_ratio, clip_eps, clip_eps_high, dual_clip, sapo_tau_pos, sapo_tau_neg, mask)
     _check_agg(loss_agg, mask, loss_norm_length)
-    temperature = _checks.positive("temperature", temperature)
+    tf = _transform(temperature, logit_scale, softcap)
     entropy_coef = _checks.in_range("entropy_coef", entropy_coef, 0.0, float("inf"))
     kl_coef, kl_clip = _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, "old_logprobs", old_logprobs, response_mask)
     if bool((mask & (labels == ignore_index)).any()):
         raise ValueError("labels: ignore_index at a position where response_mask is true")
     backend = resolve(backend, "linear_ppo_loss", hidden.device, ("torch", "triton"))
     if importance_ratio == "sequence":
-        return _sequence_ratio_loss(hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef, kl_coef,
-                                    kl_estimator, kl_clip, temperature, loss_agg, loss_norm_length, ignore_index, backend, chunk_size)
+        return _sequence_ratio_loss(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef,
+                                    kl_coef, kl_estimator, kl_clip, (temperature, logit_scale, softcap), loss_agg,
+                                    loss_norm_length, ignore_index, backend, chunk_size)
 
     shape = labels.shape
     m1 = mask.reshape(-1)
@@ -374,10 +382,10 @@ def linear_ppo_loss(
     if backend == "triton":
         from . import _triton
 
-        loss, logprobs, entropy = _triton.fused_linear_loss(h2.contiguous(), weight.contiguous(), l1, None, temperature, ignore_index, token_loss_fn, True, chunk_size)
+        loss, logprobs, entropy = _triton.fused_linear_loss(h2.contiguous(), weight.contiguous(), l1, bias, tf, ignore_index, token_loss_fn, True, chunk_size)
     else:
-        chunk = _chunk_size(chunk_size, vocab, hidden.device)
-        loss, logprobs, entropy = _torch.fused_linear_loss(h2, weight, l1, None, temperature, ignore_index, token_loss_fn, True, chunk)
+        chunk = _chunk_size(chunk_size, vocab, hidden.device, softcap is not None)
+        loss, logprobs, entropy = _torch.fused_linear_loss(h2, weight, l1, bias, tf, ignore_index, token_loss_fn, True, chunk)
     logprobs, entropy = rows.put(logprobs).view(shape), rows.put(entropy).view(shape)
     with torch.no_grad():
         stats = _policy_stats(logprobs, old_logprobs.float(), advantages.float(), mask, cfg)
@@ -389,11 +397,14 @@ def linear_ppo_loss(
     return loss, stats
 
 
-def _sequence_ratio_loss(hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef, kl_coef,
-                         kl_estimator, kl_clip, temperature, loss_agg, loss_norm_length, ignore_index, backend, chunk_size):
+def _sequence_ratio_loss(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef,
+                         kl_coef, kl_estimator, kl_clip, transform, loss_agg, loss_norm_length, ignore_index, backend,
+                         chunk_size):
     """linear_ppo_loss for importance_ratio="sequence": log-probs by autograd, then the composed loss."""
-    lp, ent = linear_logprobs(hidden, weight, torch.where(mask, labels, ignore_index), temperature=temperature,
-                              ignore_index=ignore_index, return_entropy=True, backend=backend, chunk_size=chunk_size)
+    temperature, logit_scale, softcap = transform
+    lp, ent = linear_logprobs(hidden, weight, torch.where(mask, labels, ignore_index), bias=bias, temperature=temperature,
+                              logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index, return_entropy=True,
+                              backend=backend, chunk_size=chunk_size)
     # float32 throughout, as the single-pass path computes its per-token terms
     loss, stats = ppo_policy_loss(
         lp, old_logprobs.detach().float(), advantages.detach().float(), mask, clip_eps=cfg.clip_lo, clip_eps_high=cfg.clip_hi,

@@ -10,11 +10,18 @@ import torch
 from torch import Tensor
 
 
-def linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, temperature: float = 1.0) -> Tensor:
-    """[..., H] x [V, H] -> materialized logits [..., V] divided by temperature (dtype of the inputs)."""
+def linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, temperature: float = 1.0,
+                  logit_scale: float = 1.0, softcap: float | None = None) -> Tensor:
+    """[..., H] x [V, H] -> materialized logits [..., V] (dtype of the inputs):
+    softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature, as the models in transformers
+    apply them (the scale on the lm_head output, then Gemma's final_logit_softcapping, then the sampling temperature)."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return logits / temperature
 
 
@@ -26,9 +33,11 @@ def linear_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ):
-    """log_softmax((hidden @ weight.T + bias) / temperature)[labels], 0 where ignored; optionally the entropy (nats)."""
-    logp = torch.log_softmax(linear_logits(hidden, weight, bias, temperature), dim=-1)
+    """log_softmax(linear_logits(...))[labels], 0 where ignored; optionally the entropy (nats)."""
+    logp = torch.log_softmax(linear_logits(hidden, weight, bias, temperature, logit_scale, softcap), dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     logprobs = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid
@@ -46,10 +55,16 @@ def linear_kl(
     labels: Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    bias: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
-    """Exact KL(pi || pi_ref) per token over the full vocabulary (nats), 0 where labels == ignore_index."""
-    logp = torch.log_softmax(linear_logits(hidden, weight, None, temperature), dim=-1)
-    ref_logp = torch.log_softmax(linear_logits(ref_hidden, ref_weight, None, temperature), dim=-1)
+    """Exact KL(pi || pi_ref) per token over the full vocabulary (nats), 0 where labels == ignore_index.
+
+    One logit transform (temperature, logit_scale, softcap) for both heads."""
+    logp = torch.log_softmax(linear_logits(hidden, weight, bias, temperature, logit_scale, softcap), dim=-1)
+    ref_logp = torch.log_softmax(linear_logits(ref_hidden, ref_weight, ref_bias, temperature, logit_scale, softcap), dim=-1)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1)
     if labels is not None:
         kl = kl * (labels != ignore_index)
