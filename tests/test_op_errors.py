@@ -115,7 +115,7 @@ def test_ppo_loss_errors():
     with pytest.raises(ValueError, match="loss_agg: 'seq-mean-token-mean' needs"):
         ops.ppo_policy_loss(lp[0], old[0], adv[0], mask[0], loss_agg="seq-mean-token-mean")
     with pytest.raises(ValueError, match="advantages: expected shape"):
-        ops.ppo_policy_loss(lp, old, adv[:, :1], mask)  # no silent broadcast
+        ops.ppo_policy_loss(lp, old, adv[:, :3], mask)  # no silent broadcast ([B] and [B, 1] are per-sequence advantages)
     with pytest.raises(ValueError, match="response_mask: expected shape"):
         ops.ppo_policy_loss(lp, old, adv, mask[0])
     with pytest.raises(ValueError, match="returns: expected shape"):
@@ -130,8 +130,10 @@ def test_linear_ppo_loss_errors():
     lp, old, adv, mask = tokens()
     with pytest.raises(ValueError, match="ref_logprobs: required when kl_coef > 0"):
         ops.linear_ppo_loss(hidden, weight, labels, old, adv, mask, kl_coef=0.1)
-    with pytest.raises(ValueError, match="old_logprobs: expected shape"):
+    with pytest.raises(ValueError, match="advantages: expected shape"):
         ops.linear_ppo_loss(hidden, weight, labels, old[:, :3], adv[:, :3], mask[:, :3])
+    with pytest.raises(ValueError, match="old_logprobs: expected shape"):
+        ops.linear_ppo_loss(hidden, weight, labels, old[:, :3], adv, mask)
     with pytest.raises(ValueError, match="entropy_coef"):
         ops.linear_ppo_loss(hidden, weight, labels, old, adv, mask, entropy_coef=-1.0)
     with pytest.raises(ValueError, match="kl_estimator"):

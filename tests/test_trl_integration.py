@@ -107,7 +107,7 @@ def count_fused(monkeypatch):
     real = ops.linear_ppo_loss
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("policy_loss", "ppo_clip"))
+        calls.append((args[3] is not None, kwargs.get("policy_loss", "ppo_clip")))  # (old log-probs given, surrogate)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ops, "linear_ppo_loss", spy)
@@ -292,7 +292,7 @@ def test_fused_grpo_loss_matches_trl(direct_trainers, count_fused, loss_type, le
         warnings.simplefilter("error")  # a fallback warns: this must not fall back
         n = len(count_fused)
         loss, grads, metrics = compute(ours, ours.model, f32)
-        assert count_fused[n:] == (["ppo_clip"] if off_policy else ["cispo"])
+        assert count_fused[n:] == [(off_policy, "ppo_clip")]  # on-policy: old_logprobs=None
     assert loss.dtype == torch.float32 and metrics.keys() == want_metrics.keys() == trl_metrics.keys()
     assert {"entropy", "clip_ratio/region_mean"} <= metrics.keys() and ("kl" in metrics) == (beta != 0)
     if off_policy:  # the perturbation makes ratios clip: the clipped branches are exercised
@@ -380,7 +380,7 @@ def test_grpo_training_off_policy_kl_matches_trl(base, tok, tmp_path, count_fuse
     with rt.rlhf_fast_trl(fused_loss=True):
         got = grpo_trainer(copy.deepcopy(base), tok, tmp_path, **over)
         got.train()
-    assert has_rlhf_fast_head(got.ref_model) and count_fused.count("ppo_clip") >= 1
+    assert has_rlhf_fast_head(got.ref_model) and count_fused.count((True, "ppo_clip")) >= 1
     assert_same_history(got.state.log_history, want.state.log_history, GRPO_KEYS)
     assert any(h.get("kl", 0) > 0 for h in want.state.log_history) and any(abs(h.get("loss", 0)) > 1e-4 for h in want.state.log_history)
 

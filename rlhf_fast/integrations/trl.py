@@ -28,8 +28,7 @@ backward through its chunked head). Matched exactly (same loss value and gradien
   vespo / luspo, a subclass overriding ``_get_per_token_logps_and_entropies``, a model without rlhf_fast's head.
 
 On-policy steps (TRL stores no old log-probs and uses ``per_token_logps.detach()``: the ratio is exactly 1 with
-the gradient of REINFORCE, -A dlogp) run as linear_ppo_loss's "cispo" with a zero-width clip, whose stop-gradient
-weight is then exactly 1: the same gradient, in 3 passes. The loss value TRL reports is recomputed from the
+the gradient of REINFORCE, -A dlogp) call linear_ppo_loss with ``old_logprobs=None``, which is that: 3 passes. The loss value TRL reports is recomputed from the
 per-token log-probs with TRL's formula; the gradient is linear_ppo_loss's, rescaled to TRL's normalisation. One
 difference: rlhf_fast clamps log-ratios to +-20 nats (exp(20) ~ 5e8), TRL does not.
 """
@@ -56,8 +55,6 @@ FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 _NAME = "add_fused_lm_head"
-# A clip this narrow rounds 1 -/+ eps to 1.0 exactly: cispo's stop-gradient weight is then 1 for every ratio.
-_ZERO_CLIP = 1e-30
 _NO_INSTANCE_FORWARD = object()
 
 
@@ -243,13 +240,10 @@ def _fused_grpo_loss(self, model, inputs):
         common = {"bias": bias, **transform, "loss_agg": agg, "loss_norm_length": self.max_completion_length,
                   "ref_logprobs": None if ref is None else ref.float(), "kl_coef": float(self.beta),
                   "kl_estimator": "k3", "kl_log_ratio_clip": None}
-        if old is None:  # on-policy: ratio exactly 1, gradient -A dlogp (module doc)
-            loss, st = ops.linear_ppo_loss(h, weight, labels, torch.zeros_like(adv), adv, valid, policy_loss="cispo",
-                                           clip_eps=_ZERO_CLIP, clip_eps_high=_ZERO_CLIP, **common)
-        else:
-            loss, st = ops.linear_ppo_loss(h, weight, labels, old.float(), adv, valid, clip_eps=self.epsilon_low,
-                                           clip_eps_high=self.epsilon_high, dual_clip=self.args.delta,
-                                           importance_ratio=level, **common)
+        # old=None: on-policy, ratio exactly 1 with its gradient (-A dlogp), as TRL's per_token_logps.detach()
+        loss, st = ops.linear_ppo_loss(h, weight, labels, None if old is None else old.float(), adv, valid,
+                                       clip_eps=self.epsilon_low, clip_eps_high=self.epsilon_high, dual_clip=self.args.delta,
+                                       importance_ratio=level, **common)
         stats.update(st)
         return loss
 

@@ -22,15 +22,19 @@ _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: beyond any real ratio, and keeps -A * ra
 _LOSS_DTYPES = (torch.float32, torch.float64)
 
 
-def agg_weights(mask: Tensor, loss_agg: str, dtype: torch.dtype = torch.float32, loss_norm_length: int | None = None) -> Tensor:
+def agg_weights(mask: Tensor, loss_agg: str, dtype: torch.dtype = torch.float32, loss_norm_length: int | None = None,
+                normalizer: float | Tensor | None = None) -> Tensor:
     """Per-token weights w with loss = sum(w * per_token_loss) for each ``loss_agg``.
 
     "token-mean": 1 / (number of valid tokens). "seq-mean-token-mean": 1 / (row's valid tokens x rows with any).
     "seq-mean-token-sum": 1 / (rows with any valid token). "seq-mean-token-sum-norm": 1 / (B x L), B the number
     of rows (all of them), L = ``loss_norm_length`` or T: a constant, whatever the valid counts (Dr.GRPO).
-    Rows are the leading dims, tokens the last one.
+    Rows are the leading dims, tokens the last one. ``normalizer`` (token-mean and seq-mean-token-sum-norm only)
+    replaces that denominator: e.g. the valid tokens of the whole batch across micro-batches and ranks (DAPO).
     """
     m = mask.to(dtype)
+    if normalizer is not None:
+        return m / (normalizer.to(dtype) if isinstance(normalizer, Tensor) else normalizer)
     if loss_agg == "token-mean":
         return m / m.sum().clamp(min=1)
     if loss_agg == "seq-mean-token-sum-norm":
@@ -54,8 +58,18 @@ def _check_clip(clip_eps, clip_eps_high, dual_clip):
     return lo, (lo if hi is None else hi), c
 
 
-def _check_agg(loss_agg, mask, loss_norm_length=None):
+def _check_agg(loss_agg, mask, loss_norm_length=None, normalizer=None):
     _checks.choice("loss_agg", loss_agg, LOSS_AGGS)
+    if normalizer is not None:
+        if loss_agg not in ("token-mean", "seq-mean-token-sum-norm"):
+            raise ValueError(f"normalizer: replaces the denominator of loss_agg token-mean or seq-mean-token-sum-norm, not {loss_agg!r}")
+        if isinstance(normalizer, Tensor):
+            if normalizer.dim() != 0 or not normalizer.is_floating_point() and normalizer.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"normalizer: expected a number or a 0-d tensor, got shape {tuple(normalizer.shape)} {normalizer.dtype}")
+            if normalizer.device != mask.device:
+                raise ValueError(f"normalizer: expected device {mask.device}, got {normalizer.device}")
+        elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not math.isfinite(normalizer) or normalizer <= 0:
+            raise ValueError(f"normalizer: expected a finite number > 0 (a count of tokens or sequences), got {normalizer!r}")
     if loss_agg != "token-mean" and mask.dim() < 2:
         raise ValueError(f"loss_agg: {loss_agg!r} needs [B, T] inputs (sequences), got shape {tuple(mask.shape)}")
     if loss_norm_length is not None and (isinstance(loss_norm_length, bool) or not isinstance(loss_norm_length, int) or loss_norm_length < 1):
@@ -159,9 +173,20 @@ def _check_token_tensors(ref_name: str, ref: Tensor, response_mask, **tensors) -
     return _checks.mask("response_mask", response_mask, ref_name, ref)
 
 
+def _per_token_advantages(advantages: Tensor, shape: torch.Size) -> Tensor:
+    """[B] or [B, 1] sequence advantages (GRPO-style) as [B, T]; a [B, T] tensor as it is; anything else an error."""
+    _checks.float_tensor("advantages", advantages, dtypes=_LOSS_DTYPES)
+    if advantages.shape == shape:
+        return advantages
+    if len(shape) == 2 and advantages.shape in ((shape[0],), (shape[0], 1)):
+        return advantages.reshape(shape[0], 1).expand(shape)
+    raise ValueError(f"advantages: expected shape {tuple(shape)} (per token), ({shape[0] if shape else '?'},) or "
+                     f"({shape[0] if shape else '?'}, 1) (per sequence), got {tuple(advantages.shape)}")
+
+
 def ppo_policy_loss(
     logprobs: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     response_mask: Tensor,
     *,
@@ -178,6 +203,7 @@ def ppo_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     kl_log_ratio_clip: float | None = 20.0,
+    normalizer: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy-gradient surrogate loss (PPO and relatives), negated for minimisation, plus an optional in-loss KL.
 
@@ -205,7 +231,10 @@ def ppo_policy_loss(
 
     Args:
         logprobs, old_logprobs, advantages: [B, T] (or any shape for "token-mean" with importance_ratio="token")
-            float32/float64, nats. ref_logprobs: same (required when kl_coef > 0).
+            float32/float64, nats. ref_logprobs: same (required when kl_coef > 0). ``old_logprobs=None``: on-policy
+            (GRPO with one update per rollout), ratio = exp(logprobs - logprobs.detach()): 1 in value, with the
+            ratio's gradient. ``advantages`` may also be per sequence, [B] or [B, 1] with [B, T] log-probs
+            (broadcast over the row's tokens).
         response_mask: bool or 0/1, same shape. loss_agg: "token-mean" (sum over valid tokens / their count),
             "seq-mean-token-mean" (mean over rows with a valid token of each row's token mean),
             "seq-mean-token-sum" (mean over those rows of each row's token sum), "seq-mean-token-sum-norm"
@@ -216,6 +245,10 @@ def ppo_policy_loss(
         clip_eps, clip_eps_high: > 0 (unused by "sapo"). dual_clip: None or > 1, "ppo_clip" only.
         sapo_tau_pos, sapo_tau_neg: > 0 ("sapo" only). loss_norm_length: None or int >= 1 (used by
         "seq-mean-token-sum-norm" only). kl_coef >= 0; kl_estimator in k1|k2|k3|abs; kl_log_ratio_clip: None or > 0.
+        normalizer: None, or > 0 (a number or a 0-d tensor: no host sync): with "token-mean" or
+            "seq-mean-token-sum-norm", the loss is the weighted sum over valid tokens / normalizer instead of this
+            call's own count (DAPO's token-level loss over a whole batch split into micro-batches and ranks: pass
+            the global valid-token count, and micro-batch gradients add up to the batch's).
     Returns:
         (loss 0-d, stats) with stats 0-d detached tensors: clipfrac (tokens whose ratio was clipped; for "cispo"
         whose weight was clipped; always 0 for "sapo", which does not clip), approx_kl (k3 of the per-token
@@ -227,9 +260,12 @@ def ppo_policy_loss(
         policy_loss / importance_ratio / loss_agg, "sequence" or a seq-* loss_agg on 1-D inputs,
         loss_norm_length < 1, taus <= 0, ref_logprobs missing when kl_coef > 0, ...).
     """
+    _checks.float_tensor("logprobs", logprobs, dtypes=_LOSS_DTYPES)
+    advantages = _per_token_advantages(advantages, logprobs.shape)
+    old_logprobs = logprobs.detach() if old_logprobs is None else old_logprobs
     mask = _check_token_tensors("logprobs", logprobs, response_mask, old_logprobs=old_logprobs, advantages=advantages)
     cfg = _check_policy(policy_loss, importance_ratio, clip_eps, clip_eps_high, dual_clip, sapo_tau_pos, sapo_tau_neg, mask)
-    _check_agg(loss_agg, mask, loss_norm_length)
+    _check_agg(loss_agg, mask, loss_norm_length, normalizer)
     kl_coef, kl_clip = _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, "logprobs", logprobs, response_mask)
     log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, importance_ratio)
     loss_t = policy_token_loss(logprobs, log_ratio, advantages, cfg)[0]
@@ -237,7 +273,7 @@ def ppo_policy_loss(
         # masked positions get log r = 0: garbage there cannot become inf * 0 = NaN in the gradient
         kl_t = kl_penalty(logprobs, torch.where(mask, ref_logprobs, logprobs.detach()), kl_estimator, log_ratio_clip=kl_clip)
         loss_t = loss_t + kl_coef * kl_t
-    loss = _aggregate(loss_t, mask, agg_weights(mask, loss_agg, loss_t.dtype, loss_norm_length))
+    loss = _aggregate(loss_t, mask, agg_weights(mask, loss_agg, loss_t.dtype, loss_norm_length, normalizer))
     stats = _policy_stats(logprobs.detach(), old_logprobs, advantages, mask, cfg)
     if kl_coef > 0:
         stats["kl"] = masked_mean(kl_t.detach(), mask)
@@ -280,7 +316,7 @@ def linear_ppo_loss(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     response_mask: Tensor,
     *,
@@ -302,6 +338,7 @@ def linear_ppo_loss(
     importance_ratio: str = "token",
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
+    normalizer: float | Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
@@ -322,8 +359,10 @@ def linear_ppo_loss(
         hidden: [B, T, H] (or [..., H]) float32/bfloat16/float16; weight: [V, H] same dtype; bias: optional [V], same dtype.
         labels: hidden's leading shape, int64 in [0, V) or ignore_index; positions outside response_mask are ignored.
         old_logprobs, advantages (and ref_logprobs when kl_coef != 0): float32/float64, labels' shape, nats.
+            ``old_logprobs=None``: on-policy (ratio 1 with its gradient; no extra head pass). ``advantages`` may be
+            per sequence, [B] or [B, 1] with [B, T] labels.
         response_mask: bool or 0/1, labels' shape; every valid position needs a valid label.
-        clip_eps, clip_eps_high, dual_clip, loss_agg, loss_norm_length, policy_loss, importance_ratio,
+        clip_eps, clip_eps_high, dual_clip, loss_agg, loss_norm_length, normalizer, policy_loss, importance_ratio,
             sapo_tau_pos, sapo_tau_neg, kl_log_ratio_clip: as in :func:`ppo_policy_loss` ("sequence" and the
             seq-* aggregations need [B, T] inputs).
         entropy_coef: >= 0 weight of the entropy bonus. kl_coef: >= 0 weight of the in-loss KL penalty
@@ -342,33 +381,37 @@ def linear_ppo_loss(
     _checks.linear_head(hidden, weight, bias)
     vocab = weight.shape[0]
     _checks.labels_for("labels", labels, hidden, vocab, ignore_index)
-    mask = _check_token_tensors("old_logprobs", old_logprobs, response_mask, advantages=advantages)
-    _checks.same_shape("old_logprobs", old_logprobs, "labels", labels)
-    _checks.same_device("old_logprobs", old_logprobs, "hidden", hidden)
+    advantages = _per_token_advantages(advantages, labels.shape)
+    on_policy = old_logprobs is None
+    mask = _check_token_tensors("advantages", advantages, response_mask, **({} if on_policy else {"old_logprobs": old_logprobs}))
+    _checks.same_shape("advantages", advantages, "labels", labels)
+    _checks.same_device("advantages", advantages, "hidden", hidden)
     cfg = _check_policy(policy_loss, importance_ratio, clip_eps, clip_eps_high, dual_clip, sapo_tau_pos, sapo_tau_neg, mask)
-    _check_agg(loss_agg, mask, loss_norm_length)
+    _check_agg(loss_agg, mask, loss_norm_length, normalizer)
     tf = _transform(temperature, logit_scale, softcap)
     entropy_coef = _checks.in_range("entropy_coef", entropy_coef, 0.0, float("inf"))
-    kl_coef, kl_clip = _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, "old_logprobs", old_logprobs, response_mask)
+    kl_coef, kl_clip = _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, "advantages", advantages, response_mask)
     if bool((mask & (labels == ignore_index)).any()):
         raise ValueError("labels: ignore_index at a position where response_mask is true")
     backend = resolve(backend, "linear_ppo_loss", hidden.device, ("torch", "triton"))
     if importance_ratio == "sequence":
         return _sequence_ratio_loss(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef,
                                     kl_coef, kl_estimator, kl_clip, (temperature, logit_scale, softcap), loss_agg,
-                                    loss_norm_length, ignore_index, backend, chunk_size)
+                                    loss_norm_length, normalizer, ignore_index, backend, chunk_size)
 
     shape = labels.shape
     m1 = mask.reshape(-1)
     rows = ValidRows(m1)  # tokens outside the mask cost nothing: the backends see the valid ones only
-    m1, w1 = rows.take(m1), rows.take(agg_weights(mask, loss_agg, loss_norm_length=loss_norm_length).reshape(-1))
-    old1, adv1 = rows.take(old_logprobs.reshape(-1).detach()), rows.take(advantages.reshape(-1).detach())
+    m1, w1 = rows.take(m1), rows.take(agg_weights(mask, loss_agg, loss_norm_length=loss_norm_length, normalizer=normalizer).reshape(-1))
+    old1 = None if on_policy else rows.take(old_logprobs.reshape(-1).detach())
+    adv1 = rows.take(advantages.reshape(-1).detach())
     ref1 = rows.take(ref_logprobs.reshape(-1).detach()) if kl_coef > 0 else None
 
     def token_loss_fn(lp: Tensor, ent: Tensor | None, start: int, end: int) -> Tensor:
         # Per-token separable: token t's term depends on lp[t], ent[t] only (the backends rely on it).
         m = m1[start:end]
-        log_ratio = (lp - old1[start:end].float()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        old = lp.detach() if old1 is None else old1[start:end].float()  # on-policy: ratio 1, with its gradient
+        log_ratio = (lp - old).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
         per_token = policy_token_loss(lp, log_ratio, adv1[start:end].float(), cfg)[0]
         if entropy_coef:
             per_token = per_token - entropy_coef * ent
@@ -388,7 +431,7 @@ def linear_ppo_loss(
         loss, logprobs, entropy = _torch.fused_linear_loss(h2, weight, l1, bias, tf, ignore_index, token_loss_fn, True, chunk)
     logprobs, entropy = rows.put(logprobs).view(shape), rows.put(entropy).view(shape)
     with torch.no_grad():
-        stats = _policy_stats(logprobs, old_logprobs.float(), advantages.float(), mask, cfg)
+        stats = _policy_stats(logprobs, logprobs if on_policy else old_logprobs.float(), advantages.float(), mask, cfg)
         stats["entropy"] = masked_mean(entropy, mask)
         if kl_coef > 0:
             ref = torch.where(mask, ref_logprobs.float(), logprobs)
@@ -398,8 +441,8 @@ def linear_ppo_loss(
 
 
 def _sequence_ratio_loss(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef,
-                         kl_coef, kl_estimator, kl_clip, transform, loss_agg, loss_norm_length, ignore_index, backend,
-                         chunk_size):
+                         kl_coef, kl_estimator, kl_clip, transform, loss_agg, loss_norm_length, normalizer, ignore_index,
+                         backend, chunk_size):
     """linear_ppo_loss for importance_ratio="sequence": log-probs by autograd, then the composed loss."""
     temperature, logit_scale, softcap = transform
     lp, ent = linear_logprobs(hidden, weight, torch.where(mask, labels, ignore_index), bias=bias, temperature=temperature,
@@ -407,13 +450,14 @@ def _sequence_ratio_loss(hidden, weight, bias, labels, old_logprobs, advantages,
                               backend=backend, chunk_size=chunk_size)
     # float32 throughout, as the single-pass path computes its per-token terms
     loss, stats = ppo_policy_loss(
-        lp, old_logprobs.detach().float(), advantages.detach().float(), mask, clip_eps=cfg.clip_lo, clip_eps_high=cfg.clip_hi,
+        lp, None if old_logprobs is None else old_logprobs.detach().float(), advantages.detach().float(), mask,
+        clip_eps=cfg.clip_lo, clip_eps_high=cfg.clip_hi,
         dual_clip=cfg.dual_clip, loss_agg=loss_agg, policy_loss=cfg.kind, importance_ratio=cfg.importance_ratio,
         sapo_tau_pos=cfg.tau_pos, sapo_tau_neg=cfg.tau_neg, loss_norm_length=loss_norm_length,
         ref_logprobs=None if ref_logprobs is None else ref_logprobs.detach().float(), kl_coef=kl_coef,
-        kl_estimator=kl_estimator, kl_log_ratio_clip=kl_clip)
+        kl_estimator=kl_estimator, kl_log_ratio_clip=kl_clip, normalizer=normalizer)
     if entropy_coef:
-        loss = loss - entropy_coef * _aggregate(ent, mask, agg_weights(mask, loss_agg, ent.dtype, loss_norm_length))
+        loss = loss - entropy_coef * _aggregate(ent, mask, agg_weights(mask, loss_agg, ent.dtype, loss_norm_length, normalizer))
     with torch.no_grad():
         stats["entropy"] = masked_mean(ent, mask)
         stats["logprobs"], stats["entropies"] = lp.detach(), ent.detach()
