@@ -76,8 +76,8 @@ def report(png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    print("| algorithm | held-out reward before → after | gain | exact KL to the reference (nats / response) | wall time | peak RSS |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| algorithm | held-out reward before → after | gain | exact KL to the reference (nats / response) | wall time | peak RSS | commit |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, label in ALGORITHMS.items():
         dest = RESULTS / f"{name}_smollm2_sentiment"
@@ -94,9 +94,11 @@ def report(png: Path) -> None:
                 ys.append(r["eval/reward"])
         ax.plot(xs, ys, marker="o", ms=3, label=label)
         before, after = ys[0], ys[-1]
-        kl = list(s["eval_kl_exact_nats_per_response"].values())[-1]
+        kl = [r["eval/kl"] for r in rows if "eval/kl" in r][-1]
+        peak = max(r.get("memory/peak_mb", 0.0) for r in rows)
+        load = s.get("load_average_before", "n/a").split(",")[0]
         print(f"| {label} | {before:.3f} → {after:.3f} | {after - before:+.3f} | {kl:.1f} | {s['wall_clock_s'] / 60:.1f} min "
-              f"(load {s['load_average_before'].split(',')[0]}) | {s['peak_rss_mb'] / 1024:.1f} GB |")
+              f"(load {load}) | {peak / 1024:.1f} GB | {s.get('commit', 'n/a')[:7]} |")
     ax.set_xlabel("training wall-clock (min, 2-core CPU; iterations + evaluations)")
     ax.set_ylabel("held-out VADER reward (66 prompts)")
     ax.set_title("SmolLM2-135M-Instruct, sentiment task: one loop, seven algorithms")
