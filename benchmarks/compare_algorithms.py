@@ -98,7 +98,7 @@ def report(png: Path) -> None:
         peak = max(r.get("memory/peak_mb", 0.0) for r in rows)
         load = s.get("load_average_before", "n/a").split(",")[0]
         print(f"| {label} | {before:.3f} → {after:.3f} | {after - before:+.3f} | {kl:.1f} | {s['wall_clock_s'] / 60:.1f} min "
-              f"(load {load}) | {peak / 1024:.1f} GB | {s.get('commit', 'n/a')[:7]} |")
+              f"(load {load}) | {peak / 1024:.1f} GB | {s.get('commit', 'earlier')[:7]} |")
     ax.set_xlabel("training wall-clock (min, 2-core CPU; iterations + evaluations)")
     ax.set_ylabel("held-out VADER reward (66 prompts)")
     ax.set_title("SmolLM2-135M-Instruct, sentiment task: one loop, seven algorithms")
