@@ -58,7 +58,8 @@ def run(names: list[str]) -> None:
         summary = {
             "command": " ".join(["rlhf-fast"] + cmd[1:]).replace(str(ROOT) + "/", ""),
             "wall_clock_s": round(wall, 1),
-            "wall_clock_includes": "model load, evaluations before, midway and after training (66 prompts each), the iterations, checkpoints",
+            "wall_clock_includes": f"model load, evaluations (66 prompts each) at iterations {[r['iteration'] for r in evals]}, "
+                                   "the iterations, checkpoints",
             "load_average_before": load_before,
             "load_average_after": load_after,
             "eval_reward": {r["iteration"]: r["eval/reward"] for r in evals},
