@@ -18,11 +18,14 @@ distribution):
   sets one of ``LOGIT_ATTRS`` to a non-neutral value is refused, since its forward may apply it.
 
 What is not detectable: a model class outside ``VERIFIED_CLASSES`` whose forward transforms the logits without
-a config attribute of those names, and hooks registered on the head module (it is never called).
+a config attribute of those names, and hooks registered on the head module (it is not called, except as an FSDP unit).
 
 Tested against the unpatched models (tests/test_hf_integration.py): Llama, Qwen2, Qwen3, Mistral, Gemma-2
 (softcap), Cohere (logit_scale), Granite (logits_scaling), GPT-2 (tied), Phi-3, and PEFT LoRA (backbone only,
 on lm_head, modules_to_save). The other ``VERIFIED_CLASSES`` entries were checked by reading their modeling code.
+FSDP2: in the root's unit (the usual wrapping; tied embeddings must be there) the head is unsharded while the
+root's forward runs; a head wrapped as its own unit has its math run as that unit's forward, so FSDP all-gathers
+it (one full head per rank while the op runs) and reduce-scatters its gradient as for any layer.
 Not handled: the MoE router aux loss (refused), peft's per-call ``adapter_names``, DeepSpeed ZeRO-3 sharded heads.
 """
 from __future__ import annotations
@@ -248,6 +251,26 @@ def _full(t: Tensor | None) -> Tensor | None:
     return t
 
 
+def _fsdp_unit(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _as_forward(module: nn.Module, fn, *args):
+    """``fn(*args)`` run as ``module``'s forward, through its ``__call__``: FSDP2's hooks on an FSDP unit then
+    all-gather its parameters before, and reduce-scatter their gradients after backward, as for its own forward.
+    (A sharded weight read outside that, with ``DTensor.full_tensor()``, gets back only this rank's tokens' share
+    of the gradient.)"""
+    module.forward = fn  # an instance attribute shadows the class's forward for this one call
+    try:
+        return module(*args)
+    finally:
+        del module.forward
+
+
 def _backbone(model: nn.Module, what: str) -> nn.Module:
     body = model.base_model  # looked up per call: FSDP / PEFT replace modules after patching
     if body is model:
@@ -403,33 +426,42 @@ def add_fused_lm_head(model: nn.Module, temperature: float = 1.0, outputs=("log_
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        weight, bias = _head_params(self.get_output_embeddings(), "model")
-        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
-        head_dtype = torch.float32 if cast_lm_head_to_fp32 else _compute_dtype(weight.device, weight.dtype)
-        hidden, weight, bias = _cast(head_dtype, hidden, weight, bias)
-        # TRL's cast_lm_head_to_fp32: the head's matmuls in fp32 even under autocast (the backbones keep autocast)
-        head_ctx = (functools.partial(torch.autocast, weight.device.type, enabled=False) if cast_lm_head_to_fp32
-                    else contextlib.nullcontext)
-        mask = labels != -100
-        common = {"temperature": temperature, "logit_scale": scale, "softcap": softcap, "backend": backend}
-        with head_ctx():
-            res = ops.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy="entropy" in outputs, **common)
-        log_probs, entropy = res if "entropy" in outputs else (res, None)
-        kl = None
-        if ref_inner is not None:
-            with torch.no_grad():
-                ref_hidden = _last_hidden(_backbone(ref_inner, "ref_model")(**call))
-                ref_hidden = ref_hidden[:, :-1] if shift_labels is None else ref_hidden
-                ref_weight, ref_bias = _head_params(ref_inner.get_output_embeddings(), "ref_model")
-                ref_hidden = ref_hidden.to(weight.device)
-                ref_dtype = head_dtype if cast_lm_head_to_fp32 else _compute_dtype(weight.device, ref_weight.dtype)
-                ref_hidden, ref_weight, ref_bias = _cast(ref_dtype, ref_hidden, ref_weight.to(weight.device),
-                                                         None if ref_bias is None else ref_bias.to(weight.device))
+
+        def head_part(hidden: Tensor, labels: Tensor):  # hidden [B, T, H] and labels [B, T], already shifted
+            weight, bias = _head_params(self.get_output_embeddings(), "model")
+            hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+            head_dtype = torch.float32 if cast_lm_head_to_fp32 else _compute_dtype(weight.device, weight.dtype)
+            hidden, weight, bias = _cast(head_dtype, hidden, weight, bias)
+            # TRL's cast_lm_head_to_fp32: the head's matmuls in fp32 even under autocast (the backbones keep autocast)
+            head_ctx = (functools.partial(torch.autocast, weight.device.type, enabled=False) if cast_lm_head_to_fp32
+                        else contextlib.nullcontext)
+            mask = labels != -100
+            common = {"temperature": temperature, "logit_scale": scale, "softcap": softcap, "backend": backend}
             with head_ctx():
-                kl = ops.linear_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=bias, ref_bias=ref_bias, **common)
-        with head_ctx():
-            extra = _stats(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, mask,
-                           temperature, scale, softcap, stats) if stats else {}
+                res = ops.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy="entropy" in outputs, **common)
+            log_probs, entropy = res if "entropy" in outputs else (res, None)
+            kl = None
+            if ref_inner is not None:
+                with torch.no_grad():
+                    ref_hidden = _last_hidden(_backbone(ref_inner, "ref_model")(**call))
+                    ref_hidden = ref_hidden[:, :-1] if shift_labels is None else ref_hidden
+                    ref_weight, ref_bias = _head_params(ref_inner.get_output_embeddings(), "ref_model")
+                    ref_hidden = ref_hidden.to(weight.device)
+                    ref_dtype = head_dtype if cast_lm_head_to_fp32 else _compute_dtype(weight.device, ref_weight.dtype)
+                    ref_hidden, ref_weight, ref_bias = _cast(ref_dtype, ref_hidden, ref_weight.to(weight.device),
+                                                             None if ref_bias is None else ref_bias.to(weight.device))
+                with head_ctx():
+                    kl = ops.linear_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=bias, ref_bias=ref_bias, **common)
+            with head_ctx():
+                extra = _stats(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, mask,
+                               temperature, scale, softcap, stats) if stats else {}
+            return log_probs, entropy, kl, mask, extra
+
+        head = self.get_output_embeddings()
+        if _fsdp_unit(head):  # its own FSDP2 unit (not the root's): sharded outside its forward, so run as that forward
+            log_probs, entropy, kl, mask, extra = _as_forward(head, head_part, hidden, labels)
+        else:
+            log_probs, entropy, kl, mask, extra = head_part(hidden, labels)
         denom = mask.sum().clamp(min=1) if num_items is None else num_items
         return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy, kl=kl,
                                    label_mask=mask, **extra)
