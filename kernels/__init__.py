@@ -6,6 +6,6 @@ CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Import the modules:
   linear_kl           linear_kl_fwd / linear_kl_bwd (exact KL to a reference head)
   fused_linear_loss   fused_linear_loss (single-pass per-token loss + gradients, e.g. PPO)
   gae                 gae (parallel scan over time)
-  matmul              matmul_acc (fp32 C += A @ B)
+  matmul              matmul_acc (fp32 C += A @ B), matmul_into (C = A @ B, any dtypes, fp32 accumulation)
 (Functions are not re-exported here: ``gae`` and ``fused_linear_loss`` would shadow their modules.)
 """

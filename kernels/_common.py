@@ -66,14 +66,34 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def dot_flags(dtype: torch.dtype) -> tuple[bool, bool]:
-    """(DOT_F32, IEEE) constexprs for :func:`logits_tile`.
+def dot_flags(*dtypes: torch.dtype) -> tuple[bool, bool]:
+    """(DOT_F32, IEEE) constexprs for :func:`logits_tile` (and matmul.py) with operands of these dtypes.
 
-    On the GPU, bf16/fp16 tiles go to the tensor cores as they are (fp32 accumulator); fp32 tiles use the
-    exact "ieee" dot rather than tf32, so fp32 inputs give fp32-accurate results. The interpreter computes
-    bf16 products wrongly, so there every tile is widened to fp32 first.
+    On the GPU, bf16/fp16 tiles of one dtype go to the tensor cores as they are (fp32 accumulator); fp32 tiles
+    use the exact "ieee" dot rather than tf32, so fp32 inputs give fp32-accurate results, and so do operands of
+    two dtypes (e.g. bf16 hidden states with an fp32 head), both widened to fp32. The interpreter computes bf16
+    products wrongly, so there every tile is widened to fp32 first.
     """
-    return interpreting() or dtype == torch.float32, interpreting() or dtype == torch.float32
+    f32 = interpreting() or torch.float32 in dtypes or len(set(dtypes)) > 1
+    return f32, f32
+
+
+def compute_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """dtype of the dz buffers between the head's two operands: theirs, or fp32 when they differ."""
+    return a.dtype if a.dtype == b.dtype else torch.float32
+
+
+@triton.jit
+def lse_step(m, z):
+    """One tile of an online log-sum-exp: running max m [BN], logits z [BN, BV] -> (new max, centre c, e^(m - c),
+    e^(z - c)).
+
+    c is the new max, or 0 while a row has no finite logit yet (masked columns, -inf logits): there e^(-inf - 0) = 0
+    where e^(-inf - -inf) would be NaN.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    c = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, c, tl.exp(m - c), tl.exp(z - c[:, None])
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 """Single-pass engine for a per-token loss on linear log-probs (the PPO loss): value and gradients together.
 
 Tokens go in groups of G, each group in chunks of C (Liger-style bounded buffers: C x V fp32 logits and
-G x V dz in the input dtype). Per chunk:
+G x V dz in the input dtype, fp32 when hidden and weight differ). Per chunk:
   1. the forward kernel of linear_logprobs.py runs with STORE_LOGITS: a GEMM pass that also leaves the
      online (m, s, t) partials, so log-probs and entropies follow from a tiny reduction;
   2. the caller's ``token_grads`` turns them into the chunk's loss and per-token dloss/dlogprob, dloss/dentropy;
@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, interpreting, softcap_tile
+from ._common import compute_dtype, configs, interpreting, softcap_tile
 from .linear_logprobs import combine_stats, launch_stats, logprob_entropy_grad
-from .matmul import matmul_acc
+from .matmul import matmul_acc, matmul_into
 
 # Bytes of the two buffers together; small under the interpreter so that the tests span several chunks and
 # groups. By default G = 3 C: C x V x 4 + 3 C x V x 2 bytes (bf16).
@@ -100,10 +100,11 @@ def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_inde
     f: x -> x * inv_temp, or cap * tanh(x * inv_temp) when ``cap`` is given (the transform of linear_logprobs.py).
 
     Args:
-        hidden [N, H], weight [V, H] (one dtype), labels [N] int64 (valid or ignore_index), bias [V] or None.
+        hidden [N, H], weight [V, H] (dtypes may differ: dz is then fp32), labels [N] int64 (valid or ignore_index),
+            bias [V] or None.
         token_grads(logprobs [n], entropy [n] | None, start, end) -> (loss 0-d fp32, g_lp [n], g_ent [n] | None):
             the chunk's summed loss and its gradients w.r.t. the chunk's log-probs / entropies (ignored tokens
-            arrive as 0 and their gradients are dropped).
+            arrive as 0 and their gradients are dropped); the gradients may be None when none is needed.
         chunk_size: tokens per logits chunk (None: from the buffer budget; see ``plan``).
     Returns:
         (loss 0-d fp32, logprobs [N] fp32, entropy [N] fp32 or None, dhidden, dweight, dbias) with the gradients
@@ -112,7 +113,8 @@ def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_inde
     n, _ = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    chunk, group = plan(n, v, hidden.element_size(), chunk_size)
+    dtype = compute_dtype(hidden, weight)
+    chunk, group = plan(n, v, dtype.itemsize, chunk_size)
     valid = labels != ignore_index
     logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
     entropy = torch.zeros(n, dtype=torch.float32, device=dev) if need_entropy else None
@@ -129,7 +131,7 @@ def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_inde
         return (loss, logprobs, entropy, dh, torch.zeros_like(weight) if need_dw else None,
                 None if db32 is None else db32.to(bias.dtype))
     zbuf = torch.empty(chunk, v, dtype=torch.float32, device=dev)
-    dbuf = torch.empty(group, v, dtype=hidden.dtype, device=dev) if need_grads else None
+    dbuf = torch.empty(group, v, dtype=dtype, device=dev) if need_grads else None
     for g0 in range(0, n, group):
         g1 = min(n, g0 + group)
         for c0 in range(g0, g1, chunk):
@@ -158,10 +160,10 @@ def fused_linear_loss(hidden, weight, labels, bias, inv_temp: float, ignore_inde
             continue
         d, h_g = dbuf[: g1 - g0], hidden[g0:g1]
         if need_dh:
-            torch.mm(d, weight, out=dh[g0:g1])
+            matmul_into(dh[g0:g1], d, weight)
         if need_dw:
             if single:
-                torch.mm(d.T, h_g, out=dw)
+                matmul_into(dw, d.T, h_g)
             else:
                 matmul_acc(dw32, d.T, h_g)
         if need_db:

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import by_dot_kind, dot_flags, grouped_pid, logits_tile, softcap_tile
-from .linear_logprobs import _GEMM_CONFIGS, head_grads, launch_dlogits, vocab_splits
+from ._common import by_dot_kind, dot_flags, grouped_pid, logits_tile, lse_step, softcap_tile
+from .linear_logprobs import _GEMM_CONFIGS, head_grads, launch_dlogits, lse_parts, vocab_splits
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=["H", "HR", "V", "DOT_F32", "REF_DOT_F32"],
@@ -57,19 +57,16 @@ def _kl_stats_kernel(
         if HAS_SOFTCAP:
             z, _ = softcap_tile(z, cap)
             zr, _ = softcap_tile(zr, cap)
-        diff = z - zr  # finite everywhere (padding loads zeros); masked below
+        diff = z - zr  # +inf where only the reference logit is -inf
         z = tl.where(col_mask[None, :], z, float("-inf"))
         zr = tl.where(col_mask[None, :], zr, float("-inf"))
-        # >= 1 in-range column per tile: both new maxima are finite.
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
+        m, _, alpha, e = lse_step(m, z)  # e = 0 at masked columns and -inf logits
         s = alpha * s + tl.sum(e, axis=1)
-        t = alpha * t + tl.sum(tl.where(col_mask[None, :], e * diff, 0.0), axis=1)
-        m = m_new
-        rm_new = tl.maximum(rm, tl.max(zr, axis=1))
-        rs = tl.exp(rm - rm_new) * rs + tl.sum(tl.exp(zr - rm_new[:, None]), axis=1)
-        rm = rm_new
+        # 0 log 0 = 0: nothing (not 0 * inf) where e = 0. Once p > 0 met q = 0, t = +inf (KL = +inf) stays so
+        # even where alpha underflows to 0.
+        t = tl.where(t == float("inf"), t, alpha * t) + tl.sum(e * tl.where(e > 0, diff, 0.0), axis=1)
+        rm, _, ralpha, re = lse_step(rm, zr)
+        rs = ralpha * rs + tl.sum(re, axis=1)
 
     base = part_ptr + pid_s * N + rows
     q = n_splits * N
@@ -80,18 +77,12 @@ def _kl_stats_kernel(
     tl.store(base + 4 * q, rs, mask=row_mask)
 
 
-def _lse_parts(m_i, s_i):
-    m = m_i.amax(0)
-    w = torch.exp(m_i - m)
-    s = (w * s_i).sum(0)
-    return m, s, w
-
-
 def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, inv_temp: float, bias=None, ref_bias=None, cap=None):
-    """hidden [N, H], weight [V, H] (one dtype), ref_hidden [N, Hr], ref_weight [V, Hr] (one dtype), valid [N] bool;
+    """hidden [N, H], weight [V, H], ref_hidden [N, Hr], ref_weight [V, Hr] (any float dtypes), valid [N] bool;
     bias [V] / ref_bias [V] (their head's dtype) or None; (inv_temp, cap) (the transform of linear_logprobs.py).
 
     Returns (kl, m, log_s, ref_m, ref_log_s), all [N] fp32; kl is 0 where not valid. The rest feed the backward.
+    -inf logits: 0 log 0 = 0; KL = +inf where some p > 0 meets q = 0; 0 from a row of all -inf policy logits.
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -100,8 +91,8 @@ def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, inv_temp: float
         return z, z, z, z, z
     n_splits, per_split = vocab_splits(n, v, hidden.device)
     part = torch.empty(5, n_splits, n, dtype=torch.float32, device=hidden.device)
-    dot_f32, ieee = dot_flags(hidden.dtype)
-    ref_dot_f32, ref_ieee = dot_flags(ref_hidden.dtype)  # the reference model may run in another dtype
+    dot_f32, ieee = dot_flags(hidden.dtype, weight.dtype)
+    ref_dot_f32, ref_ieee = dot_flags(ref_hidden.dtype, ref_weight.dtype)  # the reference model may run in another dtype
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)  # noqa: E731
     _kl_stats_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
@@ -112,20 +103,25 @@ def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, inv_temp: float
         HAS_SOFTCAP=cap is not None,
     )
     m_i, s_i, t_i, rm_i, rs_i = part.unbind(0)
-    m, s, w = _lse_parts(m_i, s_i)
-    rm, rs, _ = _lse_parts(rm_i, rs_i)
-    log_s, ref_log_s = torch.log(s), torch.log(rs)
-    kl = ((w * t_i).sum(0) / s - (m - rm) - (log_s - ref_log_s)) * valid
-    return kl, m, log_s, rm, ref_log_s
+    m, log_s, s, w = lse_parts(m_i, s_i)
+    rm, ref_log_s, _, _ = lse_parts(rm_i, rs_i)
+    t = torch.where(t_i == float("inf"), t_i, w * t_i).sum(0)  # a split's +inf stands whatever its weight
+    kl = t / s - (m - rm) - (log_s - ref_log_s)
+    return torch.where(valid & (s > 0), kl, 0.0), m, log_s, rm, ref_log_s
 
 
 def linear_kl_bwd(hidden, weight, ref_hidden, ref_weight, valid, kl, m, log_s, ref_m, ref_log_s, g_kl,
                   inv_temp: float, need_dh: bool, need_dw: bool, bias=None, ref_bias=None, cap=None, need_db=False):
-    """Gradients of sum(g_kl * kl) w.r.t. hidden, weight and bias (inputs' dtypes; None where not needed)."""
+    """Gradients of sum(g_kl * kl) w.r.t. hidden, weight and bias (inputs' dtypes; None where not needed).
+
+    A row of KL = +inf has no finite gradient: it contributes none.
+    """
     if hidden.shape[0] == 0:
         return (torch.zeros_like(hidden) if need_dh else None, torch.zeros_like(weight) if need_dw else None,
                 torch.zeros_like(bias) if need_db else None)
-    g = (g_kl.float() * valid).contiguous()
+    live = valid & torch.isfinite(kl)
+    g = torch.where(live, g_kl.float(), 0.0)
+    kl = torch.where(live, kl, 0.0)
     ref = (ref_hidden, ref_weight, ref_bias, ref_m, ref_log_s)
 
     def fill(buf, v0, v1):

@@ -23,6 +23,11 @@ Gradient w.r.t. the final logits z (then times dz/dx = inv_temp, or inv_temp * c
 a softcap, for the raw logits x):
   log-prob  log p_y           ->  onehot(y) - p
   entropy   H = -sum p log p   ->  -p (log p + H)
+
+dtypes: hidden and weight may differ (e.g. bf16 hidden states, fp32 head): the tiles are then widened to fp32
+(``dot_flags``) and dz is fp32 (``compute_dtype``). -inf logits (a bias of -inf): p = 0 there and 0 log 0 = 0,
+whole tiles or splits of -inf included (``lse_step``, ``lse_parts``); a label whose logit is -inf has log-prob
+-inf, a row of all -inf logits log-probs -inf and entropy 0; the gradient stays onehot(y) - p.
 """
 from __future__ import annotations
 
@@ -30,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (by_dot_kind, configs, dot_flags, grouped_pid, interpreting, logits_tile, num_sms, softcap_tile,
-                      tanh_tile)
-from .matmul import matmul_acc
+from ._common import (by_dot_kind, compute_dtype, configs, dot_flags, grouped_pid, interpreting, logits_tile, lse_step,
+                      num_sms, softcap_tile, tanh_tile)
+from .matmul import matmul_acc, matmul_into
 
 # Vocabulary splits are multiples of this, so that every BLOCK_V among the configs tiles a split evenly.
 _SPLIT_GRANULE = 32 if interpreting() else 256
@@ -98,17 +103,14 @@ def _stats_kernel(
         if HAS_SOFTCAP:
             z, _ = softcap_tile(z, cap)
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        # Every tile holds >= 1 in-range column (v0 < v_hi), so m_new is finite: no (-inf) - (-inf).
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
-        zc = z - m_new[:, None]
-        e = tl.exp(zc)  # 0 at masked columns
+        m_new, c, alpha, e = lse_step(m, z)  # e = 0 at masked columns and -inf logits
         if ENTROPY:
-            # t = sum e^(z-m) (z-m) re-centred on m_new: alpha * (t + (m - m_new) s). Before the first
-            # tile s == 0 and m - m_new = -inf: the shift is dropped there, not multiplied by 0 (NaN).
-            shift = tl.where(s > 0, m - m_new, 0.0)
+            # t = sum e^(z-m) (z-m) re-centred on c: alpha * (t + (m - c) s). While s == 0 (no finite logit yet)
+            # m may be -inf: the shift is dropped there, not multiplied by 0 (NaN).
+            zc = z - c[:, None]
+            shift = tl.where(s > 0, m - c, 0.0)
             t = alpha * (t + shift * s)
-            t += tl.sum(e * tl.where(col_mask[None, :], zc, 0.0), axis=1)  # 0, not 0 * -inf, at masked columns
+            t += tl.sum(e * tl.where(e > 0, zc, 0.0), axis=1)  # 0 log 0 = 0: 0, not 0 * -inf, where e = 0
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
         hit = (cols[None, :] == labels[:, None]) & col_mask[None, :]
@@ -144,7 +146,7 @@ def launch_stats(hidden, weight, bias, labels, inv_temp, entropy, logits=None, c
     v = weight.shape[0]
     n_splits, per_split = vocab_splits(n, v, hidden.device)
     part = torch.empty(4, n_splits, n, dtype=torch.float32, device=hidden.device)
-    dot_f32, ieee = dot_flags(hidden.dtype)
+    dot_f32, ieee = dot_flags(hidden.dtype, weight.dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)  # noqa: E731
     _stats_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, labels, logits if logits is not None else part, part,
@@ -156,22 +158,35 @@ def launch_stats(hidden, weight, bias, labels, inv_temp, entropy, logits=None, c
     return part
 
 
+def lse_parts(m_i: torch.Tensor, s_i: torch.Tensor):
+    """Per-split (max, sum e^(z - max)) [splits, N] -> (m, log_s, s, w) with lse = m + log_s, s = e^log_s and w =
+    e^(m_i - m) the splits' weights.
+
+    A row without a finite logit (every m_i = -inf) gets m = 0 and log_s = +inf: its log-probs (z - m) - log_s
+    are -inf, not NaN; a split without one gets w = 0.
+    """
+    m = m_i.amax(0)
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    w = torch.exp(m_i - m)
+    s = (w * s_i).sum(0)
+    return m, torch.where(s > 0, torch.log(s), float("inf")), s, w
+
+
 def combine_stats(part: torch.Tensor, valid: torch.Tensor, entropy: bool):
     """Deterministic reduction of the per-split partials.
 
     Returns (logprobs, entropy or None, m, log_s) per token, with lse = m + log_s kept as two numbers: at
-    |z| ~ 1e4 their fp32 sum would lose ~1e-3 nats that (z - m) - log_s keeps.
+    |z| ~ 1e4 their fp32 sum would lose ~1e-3 nats that (z - m) - log_s keeps. A row of all -inf logits has
+    log-prob -inf and entropy 0; so does a label whose logit is -inf (log-prob).
     """
     m_i, s_i, t_i, z_label = part.unbind(0)
-    m = m_i.amax(0)
-    w = torch.exp(m_i - m)  # every split has a finite max, so no -inf - -inf here
-    s = (w * s_i).sum(0)
-    log_s = torch.log(s)
-    logprobs = ((z_label.sum(0) - m) - log_s) * valid
+    m, log_s, s, w = lse_parts(m_i, s_i)
+    logprobs = torch.where(valid, (z_label.sum(0) - m) - log_s, 0.0)
     ent = None
     if entropy:
-        t = (w * (t_i + (m_i - m) * s_i)).sum(0)  # sum_v e^(z-m) (z-m) over the whole vocabulary
-        ent = (log_s - t / s) * valid
+        # sum_v e^(z-m) (z-m) over the whole vocabulary; a split without a finite logit (m_i = -inf) adds nothing
+        t = torch.where(s_i > 0, w * (t_i + (m_i - m) * s_i), 0.0).sum(0)
+        ent = torch.where(valid & (s > 0), log_s - t / s, 0.0)
     return logprobs, ent, m, log_s
 
 
@@ -197,7 +212,7 @@ def logprob_entropy_grad(z, cols, labels, m, log_s, ent, g_lp, g_ent, ENTROPY: t
     onehot = cols[None, :] == labels[:, None]
     dz = tl.where(onehot, g_lp[:, None], 0.0) - g_lp[:, None] * p
     if ENTROPY:
-        dz -= g_ent[:, None] * p * (logp + ent[:, None])
+        dz -= g_ent[:, None] * p * tl.where(p > 0, logp + ent[:, None], 0.0)  # 0, not 0 * -inf, where p = 0
     return dz
 
 
@@ -252,7 +267,10 @@ def _dlogits_kernel(
         kl = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
         logp = (z - m[:, None]) - log_s[:, None]
         logq = (zr - rm[:, None]) - rlog_s[:, None]
-        dz = g[:, None] * tl.exp(logp) * (logp - logq - kl[:, None])
+        p = tl.exp(logp)
+        # 0 where p = 0 (0 log 0 = 0); log q = -inf (q = 0) where p > 0 only in rows of KL = +inf, which the caller
+        # gives g = 0 and kl = 0: the clamp keeps their 0 * inf from NaN
+        dz = g[:, None] * p * tl.where(p > 0, logp - tl.maximum(logq, -3.4028234663852886e38) - kl[:, None], 0.0)
     else:
         if HAS_SOFTCAP:
             z, dcap = softcap_tile(z, cap)
@@ -275,9 +293,9 @@ def launch_dlogits(out, v_start, v_end, hidden, weight, bias, labels, m, log_s, 
     """Fill out[:, :v_end - v_start] with dloss/dx for the raw logits x. ``ref`` = (ref_hidden, ref_weight, ref_bias
     or None, ref_m, ref_log_s) for KL; (inv_temp, cap): the logit transform (see the module docstring)."""
     n, h = hidden.shape
-    dot_f32, ieee = dot_flags(hidden.dtype)
+    dot_f32, ieee = dot_flags(hidden.dtype, weight.dtype)
     rh, rw, rb, rm, rlog_s = ref if ref is not None else (hidden, weight, None, m, log_s)
-    ref_dot_f32, ref_ieee = dot_flags(rh.dtype)
+    ref_dot_f32, ref_ieee = dot_flags(rh.dtype, rw.dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_end - v_start, meta["BLOCK_V"]),)  # noqa: E731
     _dlogits_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, labels if labels is not None else m, m, log_s,
@@ -305,16 +323,18 @@ def head_grads(hidden, weight, fill, need_dh: bool, need_dw: bool, need_db: bool
     """(dhidden, dweight, dbias) of sum(dz * logits) for logits = hidden @ weight.T (+ bias).
 
     ``fill(buf, v0, v1)`` writes dz[:, v0:v1] (w.r.t. the raw logits: through the transform) into buf[:, :v1 - v0]. dweight rows of
-    a chunk are one GEMM over all tokens (fp32 inside, one rounding); dhidden sums over chunks in fp32.
+    a chunk are one GEMM over all tokens (fp32 inside, one rounding); dhidden sums over chunks in fp32. buf is in the
+    inputs' dtype, fp32 when hidden and weight differ (see ``compute_dtype``).
     """
     n, _ = hidden.shape
     v = weight.shape[0]
     dh = dw = db = None
     if not (need_dh or need_dw or need_db):
         return dh, dw, db
-    vc = vocab_chunk(n, hidden.shape[1], v, hidden.element_size())
-    single = vc >= v
-    buf = torch.empty(n, vc, dtype=hidden.dtype, device=hidden.device)
+    dtype = compute_dtype(hidden, weight)
+    vc = vocab_chunk(n, hidden.shape[1], v, dtype.itemsize)
+    single = vc >= v and hidden.dtype == weight.dtype
+    buf = torch.empty(n, vc, dtype=dtype, device=hidden.device)
     if need_dw:
         dw = torch.empty_like(weight)
     if need_db:
@@ -327,7 +347,7 @@ def head_grads(hidden, weight, fill, need_dh: bool, need_dw: bool, need_db: bool
         d = buf[:, : v1 - v0]
         fill(buf, v0, v1)
         if need_dw:
-            torch.mm(d.T, hidden, out=dw[v0:v1])
+            matmul_into(dw[v0:v1], d.T, hidden)
         if need_dh:
             if single:
                 dh = torch.mm(d, weight)

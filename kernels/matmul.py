@@ -3,7 +3,10 @@
 cuBLAS writes its product in the operands' dtype, so summing chunk products of bf16 operands with torch
 would round every partial sum to bf16 (or need a full-size temporary). Here each program adds its fp32
 product tile to C's: one read and one write of C per call, no temporary. Each C tile belongs to exactly
-one program, so the sum is deterministic.
+one program, so the sum is deterministic. A and B may differ in dtype (both are then widened to fp32).
+
+Autotuning is keyed on M, N, K rounded up to powers of two: one of them is a token count, which changes from
+call to call, and an exact key would re-tune (benchmark every candidate) for each new one.
 """
 from __future__ import annotations
 
@@ -30,11 +33,11 @@ _CONFIGS = configs(
 
 
 # restore_value: autotuning runs each candidate on the real C, which must be put back between runs.
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "DOT_F32"], restore_value=["c_ptr"],
+@triton.autotune(configs=_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "DOT_F32"], restore_value=["c_ptr"],
                  prune_configs_by={"early_config_prune": by_dot_kind})
 @triton.jit
 def _matmul_acc_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K,
+    a_ptr, b_ptr, c_ptr, M, N, K, M_KEY, N_KEY, K_KEY,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -66,19 +69,28 @@ def _matmul_acc_kernel(
 
 
 def matmul_acc(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """c += a @ b in place; c [M, N] fp32, a [M, K] and b [K, N] of one dtype, any strides. Returns c."""
-    if c.dtype != torch.float32 or a.dtype != b.dtype:
-        raise TypeError(f"matmul_acc: expected fp32 c and a, b of one dtype, got {c.dtype}, {a.dtype}, {b.dtype}")
+    """c += a @ b in place; c [M, N] fp32, a [M, K] and b [K, N] float, any strides. Returns c."""
+    if c.dtype != torch.float32:
+        raise TypeError(f"matmul_acc: expected fp32 c, got {c.dtype}")
     m, k = a.shape
     n = b.shape[1]
     if b.shape[0] != k or c.shape != (m, n):
         raise ValueError(f"matmul_acc: shapes {tuple(c.shape)} += {tuple(a.shape)} @ {tuple(b.shape)} do not match")
     if m == 0 or n == 0 or k == 0:
         return c
-    dot_f32, ieee = dot_flags(a.dtype)
+    dot_f32, ieee = dot_flags(a.dtype, b.dtype)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _matmul_acc_kernel[grid](
-        a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        DOT_F32=dot_f32, IEEE=ieee,
+        a, b, c, m, n, k, *map(triton.next_power_of_2, (m, n, k)),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), DOT_F32=dot_f32, IEEE=ieee,
     )
     return c
+
+
+def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out = a @ b with fp32 accumulation and one rounding to out's dtype; a, b, out of any float dtypes. Returns out."""
+    if a.dtype == b.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if out.dtype == torch.float32:
+        return matmul_acc(out.zero_(), a, b)
+    return out.copy_(matmul_acc(torch.zeros(out.shape, dtype=torch.float32, device=out.device), a, b))

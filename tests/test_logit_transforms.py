@@ -233,7 +233,7 @@ def test_bad_biases():
     with pytest.raises(ValueError, match="bias"):
         ops.linear_kl(hidden, weight, hidden, weight, bias=b[:-1], backend="torch")
     with pytest.raises(TypeError, match="bias"):
-        ops.linear_ppo_loss(hidden, weight, labels, torch.zeros(4), torch.ones(4), mask, bias=b.half(), backend="torch")
+        ops.linear_ppo_loss(hidden, weight, labels, torch.zeros(4), torch.ones(4), mask, bias=b.double(), backend="torch")
 
 
 if "triton" in BACKENDS:

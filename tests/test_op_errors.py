@@ -23,7 +23,7 @@ def tokens(shape=(2, 5)):
     [
         (dict(hidden=torch.randn(N, H, dtype=torch.float64)), TypeError, "hidden: expected dtype"),
         (dict(hidden=torch.randn(N, H).tolist()), TypeError, "hidden: expected a torch.Tensor"),
-        (dict(weight=torch.randn(V, H).half()), TypeError, "weight: expected dtype float32"),
+        (dict(weight=torch.randn(V, H).double()), TypeError, r"weight: expected dtype in \(float32, bfloat16, float16\), got float64"),
         (dict(weight=torch.randn(V, H + 1)), ValueError, r"weight: expected shape \[V, 8\]"),
         (dict(weight=torch.randn(V * H)), ValueError, "weight: expected 2 dims"),
         (dict(labels=torch.randint(0, V, (N,), dtype=torch.int32)), TypeError, "labels: expected dtype"),

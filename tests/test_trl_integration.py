@@ -25,7 +25,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from datasets import Dataset
 from ppo_tiny import make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
-from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from trl import (
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    KTOConfig,
+    KTOTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 from trl.trainer import utils as trl_utils
 
 from rlhf_fast import ops
@@ -111,6 +122,20 @@ def count_fused(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ops, "linear_ppo_loss", spy)
+    return calls
+
+
+@pytest.fixture
+def count_head(monkeypatch):
+    """Counts linear_logprobs calls (rlhf_fast's head: hf.add_fused_lm_head looks the op up at call time)."""
+    calls = []
+    real = ops.linear_logprobs
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[:-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "linear_logprobs", spy)
     return calls
 
 
@@ -343,13 +368,18 @@ def test_fused_loss_falls_back(direct_trainers, count_fused):
 
 
 # ------------------------------------------------------------------------------------------------ real trainings
-def assert_same_history(got, want, keys):
+def assert_same_history(got, want, keys, logp_scaled=None):
+    """Same logged values within RUN_TOL, relative to max(1, |value|); ``logp_scaled`` {key: c}: relative to
+    c * |logps/*| (sequence log-prob sums) as well, for keys computed from differences of such sums (rewards = beta
+    * (logps - ref_logps), whose rounding follows the sums' magnitude, not the difference's)."""
     steps = [(a, b) for a, b in zip(got, want) if "loss" in b and "train_runtime" not in b]
     assert len(got) == len(want) and len(steps) >= 2
     for a, b in steps:
+        logps = max(abs(b.get("logps/chosen", 0.0)), abs(b.get("logps/rejected", 0.0)))
         for k in keys:
             if k in b:
-                assert abs(a[k] - b[k]) <= RUN_TOL * max(1.0, abs(b[k])), (k, a[k], b[k])
+                mag = max(1.0, abs(b[k]), (logp_scaled or {}).get(k, 0.0) * logps)
+                assert abs(a[k] - b[k]) <= RUN_TOL * mag, (k, a[k], b[k])
 
 
 GRPO_KEYS = ("loss", "grad_norm", "entropy", "kl", "reward", "clip_ratio/low_mean", "clip_ratio/high_mean",
@@ -401,3 +431,82 @@ def test_sft_training_matches_trl(base, tok, tmp_path):
         got = run()
     assert has_rlhf_fast_head(got.model)
     assert_same_history(got.state.log_history, want.state.log_history, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
+
+
+# DPO, KTO and RLOO give the policy (and the reference model, when they hold one) a fused head unconditionally in
+# TRL 1.16: no config flag turns it on or off (dpo_trainer.py:960, kto_trainer.py:967, rloo_trainer.py:716).
+RUN_KW = {"max_steps": 3, "logging_steps": 1, "report_to": [], "use_cpu": True, "bf16": False, "seed": 0, "optim": "sgd",
+          "save_strategy": "no", "disable_tqdm": True}
+
+
+def run_both(make, keys, count_head, min_calls, logp_scaled=None):
+    """``make()`` -> an untrained trainer; trains TRL's path then rlhf_fast's (same initial model) and compares
+    their log histories. Returns TRL's trainer."""
+    want = make()
+    assert not has_rlhf_fast_head(want.model)
+    want.train()
+    assert count_head == []  # TRL's own head never reaches rlhf_fast's ops
+    with rt.rlhf_fast_trl():
+        got = make()
+    assert has_rlhf_fast_head(got.model)
+    ref = getattr(got, "ref_model", None)
+    assert ref is None or has_rlhf_fast_head(ref)
+    got.train()
+    assert len(count_head) >= min_calls
+    assert_same_history(got.state.log_history, want.state.log_history, keys, logp_scaled)
+    assert all(h["grad_norm"] > 1e-3 for h in want.state.log_history if "grad_norm" in h)  # the steps move the model
+    return want
+
+
+DPO_KEYS = ("loss", "grad_norm", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "rewards/chosen",
+            "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def test_dpo_training_matches_trl(base, tok, tmp_path, count_head):
+    """DPO with WPO weighting (use_weighting: the log_sum_sq_probs output) and a reference model loaded by TRL:
+    every head output DPO reads (log_probs, entropy, mean_logits, is_top1, log_sum_sq_probs) feeds a logged key."""
+    ds = Dataset.from_dict({"prompt": PROMPTS * 2, "chosen": [" a red apple.", " water from clouds.", " a pear.", " light."] * 2,
+                            "rejected": [" no.", " I do not know why.", " stone", " because."] * 2})
+    beta = 0.5
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=2.0, beta=beta,
+                     use_weighting=True, max_length=32, **RUN_KW)
+    want = run_both(lambda: DPOTrainer(model=copy.deepcopy(base), args=args, train_dataset=ds, processing_class=tok),
+                    DPO_KEYS, count_head, 3 * 2,  # policy + reference per step
+                    {k: beta for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")})
+    assert want.ref_model is not None and not has_rlhf_fast_head(want.ref_model)
+    assert any(abs(h.get("rewards/margins", 0)) > 1e-3 for h in want.state.log_history)  # the policy left the reference
+
+
+KTO_KEYS = ("loss", "grad_norm", "kl", "entropy", "logits/chosen", "logits/rejected", "rewards/chosen", "rewards/rejected",
+            "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def test_kto_training_matches_trl(base, tok, tmp_path, count_head):
+    """KTO (loss_type "kto": the KL term from mismatched completions, through the policy's and the reference's head)."""
+    ds = Dataset.from_dict({"prompt": PROMPTS * 3, "completion": [" a red apple.", " no.", " a pear.", " stone"] * 3,
+                            "label": [True, False, True, False] * 3})
+    beta = 0.5
+    args = KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=2.0, beta=beta, max_length=32,
+                     **RUN_KW)
+    want = run_both(lambda: KTOTrainer(model=copy.deepcopy(base), args=args, train_dataset=ds, processing_class=tok),
+                    KTO_KEYS, count_head, 3 * 4,  # policy and reference, each on completions and KL completions
+                    {"kl": 1.0} | {k: beta for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")})
+    assert want.calculate_KL and any(h.get("kl", 0) > 0 for h in want.state.log_history)
+
+
+RLOO_KEYS = ("loss", "grad_norm", "entropy", "kl", "reward", "reward_std", "clip_ratio/region_mean",
+             "completions/mean_length")
+
+
+def test_rloo_training_matches_trl(base, tok, tmp_path, count_head):
+    """RLOO (beta 0.05: the k1 KL to a reference model, loaded by TRL, in the reward), temperature 0.7, two
+    iterations per generation (stored old log-probs, so the ratio is not 1 on the second)."""
+    args = RLOOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
+                      learning_rate=0.003, temperature=0.7, num_iterations=2, **RUN_KW)
+    ds = Dataset.from_dict({"prompt": PROMPTS * 4})
+    want = run_both(lambda: RLOOTrainer(model=copy.deepcopy(base), reward_funcs=reward, args=args, train_dataset=ds,
+                                        processing_class=tok),
+                    RLOO_KEYS, count_head, 3)
+    assert want.beta > 0 and any(abs(h.get("kl", 0)) > 1e-4 for h in want.state.log_history)  # k1: either sign
+    # the second pass over a generation (no "reward" logged) runs on moved weights: ratio != 1, nonzero loss
+    assert any("reward" not in h and abs(h.get("loss", 0)) > 1e-3 for h in want.state.log_history)

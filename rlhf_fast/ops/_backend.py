@@ -34,6 +34,7 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the trace, not import machinery to trace
 def available_backends() -> tuple[str, ...]:
     """Names among ("torch", "triton", "cpp", "cuda") that can run on this machine now."""
     out = ["torch"]

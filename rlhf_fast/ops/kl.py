@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _torch
+from . import _checks, _library
 from ._backend import resolve
 from ._rows import ValidRows
 from .logprobs import _chunk_size, _transform
@@ -66,6 +66,7 @@ def linear_kl(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
+    check_inputs: bool | None = None,
 ) -> Tensor:
     """Exact per-token KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v)) over the full vocabulary, fused.
 
@@ -76,27 +77,29 @@ def linear_kl(
     Neither logits tensor is materialized beyond a chunk. Unlike the sampled estimators of :func:`kl_penalty`
     this has no variance.
 
+    Precision, torch.compile and host syncs as in :func:`linear_logprobs`: each of hidden, weight, bias,
+    ref_hidden, ref_weight, ref_bias may be float32/bfloat16/float16 on its own; fp32 compute whatever the
+    inputs and the ambient autocast; float32 output, gradients in their inputs' dtypes. Custom op
+    ``rlhf_fast::linear_kl``.
+
     Args:
-        hidden: [..., H] float32/bfloat16/float16 policy hidden states; weight: [V, H] same dtype.
-        ref_hidden: [..., Hr] reference hidden states (same leading shape); ref_weight: [V, Hr], same V.
+        hidden: [..., H] float32/bfloat16/float16 policy hidden states; weight: [V, H] float32/bfloat16/float16.
+        ref_hidden: [..., Hr] reference hidden states (same leading shape); ref_weight: [V, Hr], same V. All on
+            hidden's device.
         labels: optional [...] int64; only its ``ignore_index`` positions are used (KL 0 there, no gradient).
-        bias: optional [V] policy head bias (weight's dtype); ref_bias: optional [V] reference head bias (ref_weight's).
+        bias: optional [V] policy head bias; ref_bias: optional [V] reference head bias.
         temperature: > 0; logit_scale: finite > 0; softcap: None or finite > 0. Applied to both distributions.
         backend: "auto" | "torch" | "triton"; chunk_size: tokens per chunk for "torch".
+        check_inputs: None | True | False: how the label values are checked (see :func:`linear_logprobs`).
     Returns:
         kl [...] float32, nats, >= 0 (up to rounding). Differentiable w.r.t. hidden, weight and bias (the reference
         is constant).
     Raises:
-        TypeError / ValueError naming the argument; RuntimeError if the backend cannot run here.
+        TypeError / ValueError naming the argument; RuntimeError if the backend cannot run here (or for labels
+        out of range, when asserted on the device).
     """
     _checks.linear_head(hidden, weight, bias)
-    _checks.linear_head(ref_hidden, ref_weight, hidden_name="ref_hidden", weight_name="ref_weight")
-    if ref_bias is not None:
-        _checks.float_tensor("ref_bias", ref_bias, ndim=1)
-        _checks.same_dtype("ref_bias", ref_bias, "ref_weight", ref_weight)
-        _checks.same_device("ref_bias", ref_bias, "ref_weight", ref_weight)
-        if ref_bias.shape[0] != ref_weight.shape[0]:
-            raise ValueError(f"ref_bias: expected shape [{ref_weight.shape[0]}] (ref_weight's V), got {tuple(ref_bias.shape)}")
+    _checks.linear_head(ref_hidden, ref_weight, ref_bias, hidden_name="ref_hidden", weight_name="ref_weight", bias_name="ref_bias")
     if ref_hidden.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(f"ref_hidden: expected leading shape {tuple(hidden.shape[:-1])} (hidden's), got {tuple(ref_hidden.shape[:-1])}")
     _checks.same_device("ref_hidden", ref_hidden, "hidden", hidden)
@@ -104,25 +107,14 @@ def linear_kl(
         raise ValueError(f"ref_weight: expected {weight.shape[0]} rows (weight's vocabulary), got {ref_weight.shape[0]}")
     vocab = weight.shape[0]
     if labels is not None:
-        _checks.labels_for("labels", labels, hidden, vocab, ignore_index)
+        _checks.labels_for("labels", labels, hidden, vocab, ignore_index, check_inputs)
     tf = _transform(temperature, logit_scale, softcap)
     backend = resolve(backend, "linear_kl", hidden.device, ("torch", "triton"))
+    chunk = _chunk_size(chunk_size, vocab, hidden.device, softcap is not None, backend)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     r2 = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-    l1 = None if labels is None else labels.reshape(-1)
-    if l1 is not None:
-        rows = ValidRows(l1 != ignore_index)
-        h2, r2, l1 = rows.take(h2), rows.take(r2), rows.take(l1)
-    if backend == "triton":
-        from . import _triton
-
-        kl = _triton.linear_kl(h2.contiguous(), weight.contiguous(), bias, r2.detach().contiguous(),
-                               ref_weight.detach().contiguous(), ref_bias, l1, tf, ignore_index)
-    else:
-        valid = torch.ones(h2.shape[0], dtype=torch.bool, device=hidden.device) if l1 is None else l1 != ignore_index
-        chunk = _chunk_size(chunk_size, vocab, hidden.device, softcap is not None)
-        kl = _torch.linear_kl(h2, weight, bias, r2, ref_weight, ref_bias, valid, tf, chunk)
-    if l1 is not None:
-        kl = rows.put(kl)
-    return kl.view(lead)
+    valid = torch.ones(h2.shape[0], dtype=torch.bool, device=hidden.device) if labels is None else labels.reshape(-1) != ignore_index
+    rows = ValidRows(valid)
+    kl = _library.linear_kl(rows.take(h2), weight, bias, rows.take(r2), ref_weight, ref_bias, rows.take(valid), tf, chunk, backend)
+    return rows.put(kl).view(lead)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _checks, _torch
+from . import _checks, _library
 from ._backend import resolve
 from ._rows import ValidRows
 from .kl import KL_ESTIMATORS, kl_penalty
@@ -68,7 +68,7 @@ def _check_agg(loss_agg, mask, loss_norm_length=None, normalizer=None):
                 raise ValueError(f"normalizer: expected a number or a 0-d tensor, got shape {tuple(normalizer.shape)} {normalizer.dtype}")
             if normalizer.device != mask.device:
                 raise ValueError(f"normalizer: expected device {mask.device}, got {normalizer.device}")
-        elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not math.isfinite(normalizer) or normalizer <= 0:
+        elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not -math.inf < normalizer < math.inf or normalizer <= 0:
             raise ValueError(f"normalizer: expected a finite number > 0 (a count of tokens or sequences), got {normalizer!r}")
     if loss_agg != "token-mean" and mask.dim() < 2:
         raise ValueError(f"loss_agg: {loss_agg!r} needs [B, T] inputs (sequences), got shape {tuple(mask.shape)}")
@@ -102,14 +102,14 @@ def _check_policy(policy_loss, importance_ratio, clip_eps, clip_eps_high, dual_c
     return PolicyLossConfig(policy_loss, importance_ratio, lo, hi, c, tau_pos, tau_neg)
 
 
-def _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, ref_name, ref, response_mask):
+def _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, ref_name, ref, response_mask, check=None):
     kl_coef = _checks.in_range("kl_coef", kl_coef, 0.0, float("inf"))
     _checks.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     clip = _checks.positive("kl_log_ratio_clip", kl_log_ratio_clip, allow_none=True)
     if kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("ref_logprobs: required when kl_coef > 0")
-        _check_token_tensors(ref_name, ref, response_mask, ref_logprobs=ref_logprobs)
+        _check_token_tensors(ref_name, ref, response_mask, check, ref_logprobs=ref_logprobs)
     return kl_coef, clip
 
 
@@ -146,6 +146,37 @@ def policy_token_loss(logprobs: Tensor, log_ratio: Tensor, advantages: Tensor, c
     return loss, ratio, is_clipped, is_dual
 
 
+def token_loss(logprobs: Tensor, log_ratio: Tensor, advantages: Tensor, mask: Tensor, cfg: PolicyLossConfig,
+               ref_logprobs: Tensor | None, kl_coef: float, kl_estimator: str, kl_clip: float | None) -> tuple[Tensor, Tensor | None]:
+    """(surrogate + kl_coef * KL per token, the KL term or None): the one per-token definition behind
+    :func:`ppo_policy_loss` and the fused :func:`linear_ppo_loss` (through :func:`chunk_loss_fn`)."""
+    loss = policy_token_loss(logprobs, log_ratio, advantages, cfg)[0]
+    if kl_coef <= 0:
+        return loss, None
+    # masked positions get log r = 0: garbage there cannot become inf * 0 = NaN in the gradient
+    kl = kl_penalty(logprobs, torch.where(mask, ref_logprobs, logprobs.detach()), kl_estimator, log_ratio_clip=kl_clip)
+    return loss + kl_coef * kl, kl
+
+
+def chunk_loss_fn(mask: Tensor, weights: Tensor, advantages: Tensor, old_logprobs: Tensor | None, ref_logprobs: Tensor | None,
+                  cfg: PolicyLossConfig, entropy_coef: float, kl_coef: float, kl_estimator: str, kl_clip: float | None):
+    """The fused backends' callback for importance_ratio="token": (lp, ent, start, end) -> the loss of tokens
+    [start, end), sum of weights * (token_loss - entropy_coef * ent) over the mask. Token tensors [N] (float32,
+    mask bool); old_logprobs None: on-policy. Token t's term depends on lp[t], ent[t] only (the backends rely on it)."""
+
+    def loss_fn(lp: Tensor, ent: Tensor | None, start: int, end: int) -> Tensor:
+        r = slice(start, end)
+        m = mask[r]
+        old = lp.detach() if old_logprobs is None else old_logprobs[r]  # on-policy: ratio 1, with its gradient
+        ref = None if ref_logprobs is None else ref_logprobs[r]
+        per_token = token_loss(lp, importance_log_ratio(lp, old, m, "token"), advantages[r], m, cfg, ref, kl_coef, kl_estimator, kl_clip)[0]
+        if entropy_coef:
+            per_token = per_token - entropy_coef * ent
+        return _aggregate(per_token, m, weights[r])
+
+    return loss_fn
+
+
 def _policy_stats(logprobs, old_logprobs, advantages, mask, cfg: PolicyLossConfig) -> dict[str, Tensor]:
     with torch.no_grad():
         log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, cfg.importance_ratio)
@@ -164,13 +195,13 @@ def _policy_stats(logprobs, old_logprobs, advantages, mask, cfg: PolicyLossConfi
     return stats
 
 
-def _check_token_tensors(ref_name: str, ref: Tensor, response_mask, **tensors) -> Tensor:
+def _check_token_tensors(ref_name: str, ref: Tensor, response_mask, check: bool | None = None, **tensors) -> Tensor:
     _checks.float_tensor(ref_name, ref, dtypes=_LOSS_DTYPES)
     for name, x in tensors.items():
         _checks.float_tensor(name, x, dtypes=_LOSS_DTYPES)
         _checks.same_shape(name, x, ref_name, ref)
         _checks.same_device(name, x, ref_name, ref)
-    return _checks.mask("response_mask", response_mask, ref_name, ref)
+    return _checks.mask("response_mask", response_mask, ref_name, ref, check)
 
 
 def _per_token_advantages(advantages: Tensor, shape: torch.Size) -> Tensor:
@@ -268,14 +299,10 @@ def ppo_policy_loss(
     _check_agg(loss_agg, mask, loss_norm_length, normalizer)
     kl_coef, kl_clip = _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, "logprobs", logprobs, response_mask)
     log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, importance_ratio)
-    loss_t = policy_token_loss(logprobs, log_ratio, advantages, cfg)[0]
-    if kl_coef > 0:
-        # masked positions get log r = 0: garbage there cannot become inf * 0 = NaN in the gradient
-        kl_t = kl_penalty(logprobs, torch.where(mask, ref_logprobs, logprobs.detach()), kl_estimator, log_ratio_clip=kl_clip)
-        loss_t = loss_t + kl_coef * kl_t
+    loss_t, kl_t = token_loss(logprobs, log_ratio, advantages, mask, cfg, ref_logprobs, kl_coef, kl_estimator, kl_clip)
     loss = _aggregate(loss_t, mask, agg_weights(mask, loss_agg, loss_t.dtype, loss_norm_length, normalizer))
     stats = _policy_stats(logprobs.detach(), old_logprobs, advantages, mask, cfg)
-    if kl_coef > 0:
+    if kl_t is not None:
         stats["kl"] = masked_mean(kl_t.detach(), mask)
     return loss, stats
 
@@ -342,6 +369,7 @@ def linear_ppo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
+    check_inputs: bool | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Single-pass policy loss straight from hidden states: log-probs, entropy, loss and gradients together.
 
@@ -355,8 +383,14 @@ def linear_ppo_loss(
     a token's gradient depends on its whole row's ratio, which no single chunk holds: the loss is then computed
     as ``linear_logprobs`` (autograd, 4 matmul passes: 2 forward, 2 backward) followed by ``ppo_policy_loss``.
 
+    Precision, torch.compile and host syncs as in :func:`linear_logprobs`: hidden, weight and bias may each be
+    float32/bfloat16/float16 on their own; fp32 compute whatever the inputs and the ambient autocast; float32
+    loss and stats, gradients in their inputs' dtypes. The single-pass route is the custom op
+    ``rlhf_fast::linear_ppo_loss``.
+
     Args:
-        hidden: [B, T, H] (or [..., H]) float32/bfloat16/float16; weight: [V, H] same dtype; bias: optional [V], same dtype.
+        hidden: [B, T, H] (or [..., H]) float32/bfloat16/float16; weight: [V, H] float32/bfloat16/float16; bias:
+            optional [V] float32/bfloat16/float16; all on one device.
         labels: hidden's leading shape, int64 in [0, V) or ignore_index; positions outside response_mask are ignored.
         old_logprobs, advantages (and ref_logprobs when kl_coef != 0): float32/float64, labels' shape, nats.
             ``old_logprobs=None``: on-policy (ratio 1 with its gradient; no extra head pass). ``advantages`` may be
@@ -371,64 +405,54 @@ def linear_ppo_loss(
             :func:`linear_logprobs`, z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature
             (there: which model setting maps to which argument).
         backend: "auto" | "torch" | "triton".
+        check_inputs: None | True | False: how the values of labels and response_mask (0/1, no ignore_index
+            inside) are checked (see :func:`linear_logprobs`).
     Returns:
         (loss 0-d differentiable w.r.t. hidden, weight and bias, stats): ppo_policy_loss's stats plus ``entropy`` (0-d
         masked mean, nats), ``kl`` (0-d masked mean of the clamped estimator, when kl_coef != 0) and the per-token
         detached ``logprobs`` and ``entropies`` (labels' shape, float32).
     Raises:
-        TypeError / ValueError naming the argument; RuntimeError if the backend cannot run here.
+        TypeError / ValueError naming the argument; RuntimeError if the backend cannot run here (or for bad
+        label / mask values, when asserted on the device).
     """
     _checks.linear_head(hidden, weight, bias)
     vocab = weight.shape[0]
-    _checks.labels_for("labels", labels, hidden, vocab, ignore_index)
+    _checks.labels_for("labels", labels, hidden, vocab, ignore_index, check_inputs)
     advantages = _per_token_advantages(advantages, labels.shape)
     on_policy = old_logprobs is None
-    mask = _check_token_tensors("advantages", advantages, response_mask, **({} if on_policy else {"old_logprobs": old_logprobs}))
+    mask = _check_token_tensors("advantages", advantages, response_mask, check_inputs, **({} if on_policy else {"old_logprobs": old_logprobs}))
     _checks.same_shape("advantages", advantages, "labels", labels)
     _checks.same_device("advantages", advantages, "hidden", hidden)
     cfg = _check_policy(policy_loss, importance_ratio, clip_eps, clip_eps_high, dual_clip, sapo_tau_pos, sapo_tau_neg, mask)
     _check_agg(loss_agg, mask, loss_norm_length, normalizer)
     tf = _transform(temperature, logit_scale, softcap)
     entropy_coef = _checks.in_range("entropy_coef", entropy_coef, 0.0, float("inf"))
-    kl_coef, kl_clip = _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, "advantages", advantages, response_mask)
-    if bool((mask & (labels == ignore_index)).any()):
-        raise ValueError("labels: ignore_index at a position where response_mask is true")
+    kl_coef, kl_clip = _check_kl(ref_logprobs, kl_coef, kl_estimator, kl_log_ratio_clip, "advantages", advantages, response_mask,
+                                 check_inputs)
+    msg = "labels: ignore_index at a position where response_mask is true"
+    if check_inputs is not False and _checks.any_bad(check_inputs, mask & (labels == ignore_index), msg):
+        raise ValueError(msg)
     backend = resolve(backend, "linear_ppo_loss", hidden.device, ("torch", "triton"))
+    chunk = _chunk_size(chunk_size, vocab, hidden.device, softcap is not None, backend)
     if importance_ratio == "sequence":
         return _sequence_ratio_loss(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef,
                                     kl_coef, kl_estimator, kl_clip, (temperature, logit_scale, softcap), loss_agg,
-                                    loss_norm_length, normalizer, ignore_index, backend, chunk_size)
+                                    loss_norm_length, normalizer, ignore_index, backend, chunk)
 
     shape = labels.shape
     m1 = mask.reshape(-1)
-    rows = ValidRows(m1)  # tokens outside the mask cost nothing: the backends see the valid ones only
-    m1, w1 = rows.take(m1), rows.take(agg_weights(mask, loss_agg, loss_norm_length=loss_norm_length, normalizer=normalizer).reshape(-1))
-    old1 = None if on_policy else rows.take(old_logprobs.reshape(-1).detach())
-    adv1 = rows.take(advantages.reshape(-1).detach())
-    ref1 = rows.take(ref_logprobs.reshape(-1).detach()) if kl_coef > 0 else None
+    rows = ValidRows(m1)  # tokens outside the mask cost nothing: the backends see the valid ones only (where free)
 
-    def token_loss_fn(lp: Tensor, ent: Tensor | None, start: int, end: int) -> Tensor:
-        # Per-token separable: token t's term depends on lp[t], ent[t] only (the backends rely on it).
-        m = m1[start:end]
-        old = lp.detach() if old1 is None else old1[start:end].float()  # on-policy: ratio 1, with its gradient
-        log_ratio = (lp - old).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-        per_token = policy_token_loss(lp, log_ratio, adv1[start:end].float(), cfg)[0]
-        if entropy_coef:
-            per_token = per_token - entropy_coef * ent
-        if kl_coef:
-            ref = torch.where(m, ref1[start:end].float(), lp.detach())  # as ppo_policy_loss: log r = 0 off the mask
-            per_token = per_token + kl_coef * kl_penalty(lp, ref, kl_estimator, log_ratio_clip=kl_clip)
-        return (torch.where(m, per_token, 0) * w1[start:end]).sum()
+    def tokens(x: Tensor | None) -> Tensor | None:  # [N] float32 constants of the loss, valid rows only
+        return None if x is None else rows.take(x.detach().reshape(-1).float())
 
-    h2 = rows.take(hidden.reshape(-1, hidden.shape[-1]))
-    l1 = torch.where(m1, rows.take(labels.reshape(-1)), ignore_index)  # (all-masked case: nothing was taken)
-    if backend == "triton":
-        from . import _triton
-
-        loss, logprobs, entropy = _triton.fused_linear_loss(h2.contiguous(), weight.contiguous(), l1, bias, tf, ignore_index, token_loss_fn, True, chunk_size)
-    else:
-        chunk = _chunk_size(chunk_size, vocab, hidden.device, softcap is not None)
-        loss, logprobs, entropy = _torch.fused_linear_loss(h2, weight, l1, bias, tf, ignore_index, token_loss_fn, True, chunk)
+    w1 = tokens(agg_weights(mask, loss_agg, loss_norm_length=loss_norm_length, normalizer=normalizer))
+    m1 = rows.take(m1)
+    l1 = torch.where(m1, rows.take(labels.reshape(-1)), ignore_index)
+    loss, logprobs, entropy = _library.linear_ppo_loss(
+        rows.take(hidden.reshape(-1, hidden.shape[-1])), weight, bias, l1, m1, w1, tokens(advantages), tokens(old_logprobs),
+        tokens(ref_logprobs) if kl_coef > 0 else None, cfg, entropy_coef, kl_coef, kl_estimator, kl_clip, tf, ignore_index,
+        chunk, backend)
     logprobs, entropy = rows.put(logprobs).view(shape), rows.put(entropy).view(shape)
     with torch.no_grad():
         stats = _policy_stats(logprobs, logprobs if on_policy else old_logprobs.float(), advantages.float(), mask, cfg)
@@ -442,12 +466,12 @@ def linear_ppo_loss(
 
 def _sequence_ratio_loss(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, cfg, entropy_coef,
                          kl_coef, kl_estimator, kl_clip, transform, loss_agg, loss_norm_length, normalizer, ignore_index,
-                         backend, chunk_size):
+                         backend, chunk):
     """linear_ppo_loss for importance_ratio="sequence": log-probs by autograd, then the composed loss."""
     temperature, logit_scale, softcap = transform
     lp, ent = linear_logprobs(hidden, weight, torch.where(mask, labels, ignore_index), bias=bias, temperature=temperature,
                               logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index, return_entropy=True,
-                              backend=backend, chunk_size=chunk_size)
+                              backend=backend, chunk_size=chunk, check_inputs=False)  # checked by the caller
     # float32 throughout, as the single-pass path computes its per-token terms
     loss, stats = ppo_policy_loss(
         lp, None if old_logprobs is None else old_logprobs.detach().float(), advantages.detach().float(), mask,

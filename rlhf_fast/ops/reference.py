@@ -3,6 +3,11 @@
 They define what every fused backend must compute. Tests run them on float64 copies of the inputs; the
 trainer's ``kernels: eager`` mode and the benchmarks' "naive" rows run them as they are, in the inputs'
 dtype, the way a plain PyTorch RLHF trainer would. No input checks: call the public ops for those.
+
+-inf logits (a bias of -inf forbidding tokens) follow the convention 0 log 0 = 0: a token with p = 0 adds nothing to
+an entropy or a KL; KL(p || q) = +inf where some p > 0 meets q = 0 (a constant: no gradient); a label whose logit is
+-inf has log-prob -inf, with d logp/dz = onehot - p. A row whose logits are all -inf holds no distribution: log-probs
+-inf (d logp/dz = onehot), entropy 0, KL from it 0. Without any -inf logit the plain formulas run unchanged.
 """
 from __future__ import annotations
 
@@ -37,14 +42,32 @@ def linear_logprobs(
     softcap: float | None = None,
 ):
     """log_softmax(linear_logits(...))[labels], 0 where ignored; optionally the entropy (nats)."""
-    logp = torch.log_softmax(linear_logits(hidden, weight, bias, temperature, logit_scale, softcap), dim=-1)
+    logp, has_neginf = _log_softmax(linear_logits(hidden, weight, bias, temperature, logit_scale, softcap))
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    logprobs = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid
+    logprobs = torch.where(valid, logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0)  # not * valid: -inf * 0 = NaN
     if not return_entropy:
         return logprobs
-    entropy = -(logp.exp() * logp).sum(-1) * valid
+    entropy = torch.where(valid, -(logp.exp() * (_finite(logp) if has_neginf else logp)).sum(-1), 0)
     return logprobs, entropy
+
+
+def _log_softmax(z: Tensor) -> tuple[Tensor, bool]:
+    """(log_softmax(z) over the last dim, whether any logit is -inf).
+
+    A row of all -inf logits gets -inf log-probs (not NaN) through lse = +inf, a constant: d logp/dz = onehot there.
+    """
+    neginf = torch.isneginf(z)
+    dead = neginf.all(-1, keepdim=True)
+    if not bool(dead.any()):
+        return torch.log_softmax(z, dim=-1), bool(neginf.any())
+    lse = torch.logsumexp(z.masked_fill(dead, 0.0), dim=-1, keepdim=True).masked_fill(dead, float("inf"))
+    return z - lse, True
+
+
+def _finite(logp: Tensor) -> Tensor:
+    """logp with 0 for -inf (p = 0): p * that is 0 = 0 log 0, and no inf reaches a gradient (0 * inf = NaN)."""
+    return logp.masked_fill(torch.isneginf(logp), 0.0)
 
 
 def linear_kl(
@@ -63,11 +86,17 @@ def linear_kl(
     """Exact KL(pi || pi_ref) per token over the full vocabulary (nats), 0 where labels == ignore_index.
 
     One logit transform (temperature, logit_scale, softcap) for both heads."""
-    logp = torch.log_softmax(linear_logits(hidden, weight, bias, temperature, logit_scale, softcap), dim=-1)
-    ref_logp = torch.log_softmax(linear_logits(ref_hidden, ref_weight, ref_bias, temperature, logit_scale, softcap), dim=-1)
-    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+    logp, neginf = _log_softmax(linear_logits(hidden, weight, bias, temperature, logit_scale, softcap))
+    ref_logp, ref_neginf = _log_softmax(linear_logits(ref_hidden, ref_weight, ref_bias, temperature, logit_scale, softcap))
+    p = logp.exp()
+    if neginf or ref_neginf:
+        # 0 log 0 = 0: nothing from p = 0; p > 0 where q = 0 makes KL +inf, a constant (no gradient)
+        kl = (p * (logp - _finite(ref_logp)).masked_fill(p == 0, 0.0)).sum(-1)
+        kl = kl.masked_fill(((p > 0) & torch.isneginf(ref_logp)).any(-1), float("inf"))
+    else:
+        kl = (p * (logp - ref_logp)).sum(-1)
     if labels is not None:
-        kl = kl * (labels != ignore_index)
+        kl = torch.where(labels != ignore_index, kl, 0)
     return kl
 
 
