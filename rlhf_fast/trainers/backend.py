@@ -38,15 +38,22 @@ class Backend:
     def fused(self) -> bool:
         return self.name == "fused"
 
-    def logprobs(self, hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, return_entropy: bool = False):
+    def logprobs(self, hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, return_entropy: bool = False, *,
+                 logit_scale: float = 1.0, softcap: float | None = None):
+        """[B, T] float32 log-probs of ``labels`` (and entropies) under softmax(f(hidden @ weight.T) / temperature),
+        f the model's logit transform (``logit_scale``, ``softcap``: ``integrations.hf.lm_head_params``)."""
+        tf = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
         if self.fused:
-            return ops.linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=return_entropy)
-        return reference.linear_logprobs(hidden.float(), weight.float(), labels, temperature=temperature, return_entropy=return_entropy)
+            return ops.linear_logprobs(hidden, weight, labels, return_entropy=return_entropy, **tf)
+        return reference.linear_logprobs(hidden.float(), weight.float(), labels, return_entropy=return_entropy, **tf)
 
-    def kl(self, hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    def kl(self, hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, labels: Tensor, temperature: float, *,
+           logit_scale: float = 1.0, softcap: float | None = None) -> Tensor:
+        """[B, T] exact KL(pi || pi_ref); one logit transform for both heads (the reference is the policy's class)."""
+        tf = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
         if self.fused:
-            return ops.linear_kl(hidden, weight, ref_hidden, ref_weight, labels, temperature=temperature)
-        return reference.linear_kl(hidden.float(), weight.float(), ref_hidden.float(), ref_weight.float(), labels, temperature=temperature)
+            return ops.linear_kl(hidden, weight, ref_hidden, ref_weight, labels, **tf)
+        return reference.linear_kl(hidden.float(), weight.float(), ref_hidden.float(), ref_weight.float(), labels, **tf)
 
     def kl_penalty(self, logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
         if self.fused:
@@ -63,9 +70,11 @@ class Backend:
                     entropy_coef: float, temperature: float, loss_agg: str, policy_loss: str = "ppo_clip",
                     importance_ratio: str = "token", sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
                     loss_norm_length: int | None = None, ref_logprobs: Tensor | None = None, kl_coef: float = 0.0,
-                    kl_estimator: str = "k3", kl_log_ratio_clip: float | None = 20.0) -> tuple[Tensor, dict[str, Tensor]]:
+                    kl_estimator: str = "k3", kl_log_ratio_clip: float | None = 20.0, logit_scale: float = 1.0,
+                    softcap: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Policy surrogate (+ in-loss KL when kl_coef > 0) minus the entropy bonus; stats hold clipfrac, approx_kl,
-        entropy and per-token logprobs. Both paths take every keyword of ``ops.ppo_policy_loss``, so they agree."""
+        entropy and per-token logprobs. Both paths take every keyword of ``ops.ppo_policy_loss`` and the model's logit
+        transform (``logit_scale``, ``softcap``), so they agree."""
         mask = response_mask.bool()
         kw = dict(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, loss_agg=loss_agg,
                   policy_loss=policy_loss, importance_ratio=importance_ratio, sapo_tau_pos=sapo_tau_pos,
@@ -73,8 +82,9 @@ class Backend:
                   kl_coef=kl_coef, kl_estimator=kl_estimator, kl_log_ratio_clip=kl_log_ratio_clip)
         if self.fused:
             return ops.linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, entropy_coef=entropy_coef,
-                                       temperature=temperature, **kw)
-        logprobs, entropy = reference.linear_logprobs(hidden.float(), weight.float(), labels, temperature=temperature, return_entropy=True)
+                                       temperature=temperature, logit_scale=logit_scale, softcap=softcap, **kw)
+        logprobs, entropy = reference.linear_logprobs(hidden.float(), weight.float(), labels, temperature=temperature, return_entropy=True,
+                                                      logit_scale=logit_scale, softcap=softcap)
         loss, stats = ops.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, **kw)
         mean_entropy = aggregate(entropy, mask, loss_agg, loss_norm_length)
         if entropy_coef:

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from ..config import ModelConfig, RunConfig
 from ..errors import UserError
-from ..models import backbone, disable_dropout, lm_head, maybe_compile, unwrap
+from ..integrations.hf import lm_head_params
+from ..models import backbone, checked_lm_head, maybe_compile, unwrap
 from ..preference_data import load_examples, with_system_prompt
 from .backend import get_backend
 from .stage import (StageDataConfig, StageTrainer, TrainConfig, batch_tensors, choice, encode_conversation, load_policy,
@@ -121,8 +122,7 @@ class DPOTrainer(StageTrainer):
     def setup(self) -> None:
         cfg, d = self.cfg, self.cfg.data
         self.backend = get_backend(cfg.kernels)
-        self.tokenizer, self.model = load_policy(cfg.model, self.device, self.bf16)
-        disable_dropout(self.model)
+        self.tokenizer, self.model = load_policy(cfg.model, self.device, self.bf16, no_dropout=True)
         self.body = maybe_compile(backbone(self.model), cfg.model.compile, self.device)
         self.modules = {"policy": self.model}
         loaded = load_examples(d, "preference", cfg.seed)
@@ -149,14 +149,15 @@ class DPOTrainer(StageTrainer):
 
     # -------------------------------------------------------------------------------------- log-probs
 
-    def sequence_logprobs(self, pairs: list[Pair], body=None, weight=None) -> tuple[Tensor, Tensor]:
-        """(chosen [B], rejected [B]) summed response log-probs; chosen and rejected run as one batch."""
+    def sequence_logprobs(self, pairs: list[Pair], body=None, head=None) -> tuple[Tensor, Tensor]:
+        """(chosen [B], rejected [B]) summed response log-probs; chosen and rejected run as one batch. ``body`` and
+        ``head`` (an ``integrations.hf.LMHead``) default to the policy's, the head read now (LoRA folded)."""
         body = body if body is not None else self.body
-        weight = weight if weight is not None else lm_head(self.model)[0]
+        head = head if head is not None else lm_head_params(self.model)
         ids = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
         labels = [p.chosen_labels for p in pairs] + [p.rejected_labels for p in pairs]
         input_ids, mask, lab = batch_tensors(ids, labels, self.tokenizer.pad_token_id, self.device)
-        seq = token_logprobs(body, weight, input_ids, mask, lab, self.backend, self.autocast, self.fp32,
+        seq = token_logprobs(body, head, input_ids, mask, lab, self.backend, self.autocast, self.fp32,
                              head_dtype=self.head_dtype).sum(-1)
         return seq[: len(pairs)], seq[len(pairs):]
 
@@ -171,7 +172,7 @@ class DPOTrainer(StageTrainer):
                 self._fill(cache)
                 return
         ref = None
-        body, weight = self.body, lm_head(self.model)[0]
+        body, head = self.body, lm_head_params(self.model)
         if self.cfg.dpo.reference_model:
             from ..models import attn_implementation, load_causal_lm, load_tokenizer, resolve_model_path
 
@@ -181,14 +182,14 @@ class DPOTrainer(StageTrainer):
                                 "the reference must score the policy's token ids")
             ref = load_causal_lm(path_ref, attn_implementation(self.cfg.model.attn_implementation, self.device, self.bf16), self.device,
                                  "dpo.reference_model").eval()
-            body, weight = backbone(ref), lm_head(ref)[0]
+            body, head = backbone(ref), checked_lm_head(ref, "dpo.reference_model")  # its own class: its own transform
         self.set_train(False)
         bs = self.cfg.train.eval_batch_size
         cache = {"key": key}
         for split, pairs in (("train", self.train_set), ("eval", self.eval_set)):
             parts = []
             for s in range(0, len(pairs), bs):
-                c, r = self.sequence_logprobs(pairs[s:s + bs], body, weight)
+                c, r = self.sequence_logprobs(pairs[s:s + bs], body, head)
                 parts.append(torch.stack([c, r], dim=-1).cpu())
             cache[split] = torch.cat(parts) if parts else torch.zeros(0, 2)
         del ref

@@ -33,8 +33,9 @@ from ..checkpoint import StopRequest
 from ..config import Config, load_config, resume_config_path
 from ..data import PromptSampler, load_prompts
 from ..errors import UserError
-from ..models import (TrunkSplit, add_lora, attn_implementation, backbone, bf16_enabled, build_critic, compile_enabled, disable_dropout,
-                      enable_gradient_checkpointing, eos_ids, frozen_copy, hidden_states, lm_head, load_causal_lm, load_tokenizer,
+from ..integrations.hf import LMHead, lm_head_params
+from ..models import (TrunkSplit, add_lora, attn_implementation, backbone, bf16_enabled, build_critic, checked_lm_head, compile_enabled,
+                      disable_dropout, enable_gradient_checkpointing, eos_ids, frozen_copy, hidden_states, load_causal_lm, load_tokenizer,
                       maybe_compile, resolve_model_path, train_top_layers, unwrap)
 from ..rewards import CombinedReward
 from ..rollout import Rollout, RunningMoments, generate, token_rewards
@@ -122,9 +123,10 @@ class RLTrainer(Loop):
         self.policy = policy
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(policy, cfg.model.lora.enabled)
-        weight, bias = lm_head(policy)
-        if bias is not None:
-            raise UserError("model.policy: LM heads with a bias are not supported")
+        head = checked_lm_head(policy)  # the head and logit transform (softcap, scale) every scoring / loss reads
+        if cfg.algorithm.policy_update == "trpo" and head.softcap is not None:
+            raise UserError(f"algorithm.policy_update=trpo: model.policy caps its logits (softcap={head.softcap}), which "
+                            "TRPO's Fisher-vector products (ops.linear_fisher_product) do not model; use policy_update=ppo")
         self.eos_ids = eos_ids(self.tokenizer, policy)
         flag = cfg.model.compile
         self.policy_body = maybe_compile(backbone(policy), flag, self.device)
@@ -136,6 +138,9 @@ class RLTrainer(Loop):
         p = cfg.ppo
         self.policy_params = [q for q in policy.parameters() if q.requires_grad]
         self.critic_params = [q for q in self.critic.parameters() if q.requires_grad] if self.critic is not None else []
+        if cfg.algorithm.policy_update == "trpo" and head.weight.requires_grad and not any(head.weight is q for q in self.policy_params):
+            raise UserError("algorithm.policy_update=trpo: the LM-head weight is computed from trainable parameters (LoRA on "
+                            "lm_head), which TRPO's Fisher-vector products do not see; leave lm_head out of model.lora.target_modules")
         if cfg.algorithm.policy_update == "trpo" and self.critic is not None and self.critic.body is None:
             raise UserError("algorithm.policy_update=trpo steps the policy alone: a critic on the policy's backbone would move it "
                             "too; set critic.share_backbone=false")
@@ -166,10 +171,28 @@ class RLTrainer(Loop):
         """Outside autocast: the ops take the LM head in one dtype and accumulate in fp32 themselves."""
         return torch.autocast(self.device.type, enabled=False) if self.bf16 else nullcontext()
 
-    def head_weight(self, model) -> Tensor:
-        """LM-head weight in the dtype of :meth:`response_hidden` (a differentiable bf16 view under bf16)."""
-        weight = lm_head(model)[0]
-        return weight.to(torch.bfloat16) if self.bf16 else weight.float()
+    def _read_head(self, ref: bool) -> LMHead:
+        if ref and self.ref is not None:
+            return lm_head_params(self.ref)
+        if ref and self.cfg.model.lora.enabled:  # the policy with its adapters off, on the head too
+            with self.policy.disable_adapter():
+                return lm_head_params(self.policy)
+        return lm_head_params(self.policy)  # with TrunkSplit the reference's too (the head is frozen, shared)
+
+    def _in_hidden_dtype(self, head: LMHead) -> LMHead:
+        return head._replace(weight=head.weight.to(torch.bfloat16) if self.bf16 else head.weight.float())
+
+    def head(self) -> LMHead:
+        """The policy's LM head, read now (``integrations.hf.lm_head_params``: a LoRA head is folded), its weight in
+        the dtype of :meth:`response_hidden` (a differentiable bf16 view under bf16)."""
+        return self._in_hidden_dtype(self._read_head(False))
+
+    def heads(self) -> tuple[LMHead, LMHead]:
+        """(policy head, reference head) as :meth:`head`, one cast when they share the weight. The reference is the
+        policy's class, so they share the logit transform; the reference's weight is its own."""
+        policy, ref = self._read_head(False), self._read_head(True)
+        cast = self._in_hidden_dtype(policy)
+        return cast, (cast if ref.weight is policy.weight else self._in_hidden_dtype(ref))
 
     def response_hidden(self, body, ro: Rollout) -> Tensor:
         """[B, T, H] hidden states at the positions that predict the response tokens (bf16 under bf16, else fp32)."""
@@ -216,8 +239,8 @@ class RLTrainer(Loop):
     def score(self, ro: Rollout) -> None:
         """Fill ro.logprobs, ro.ref_logprobs, ro.kl and, with a critic, ro.values (per token, zero outside the response)."""
         cfg, temp = self.cfg, self.cfg.generation.temperature
-        weight = self.head_weight(self.policy)
-        ref_weight = weight if self.ref is None else self.head_weight(self.ref)
+        head, ref_head = self.heads()
+        weight, ref_weight, tf = head.weight, ref_head.weight, dict(logit_scale=head.logit_scale, softcap=head.softcap)
         parts = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "trunk_hidden")}
         keep_bottom = self.split is not None and (ro.input_ids.numel() * unwrap(self.policy).config.hidden_size * 4
                                                   <= cfg.model.trunk_cache_mb * 2**20)
@@ -229,10 +252,10 @@ class RLTrainer(Loop):
             if keep_bottom:  # for the update epochs, which then run the top layers only
                 parts["trunk_hidden"].append(mb.trunk_hidden)
             with self.fp32():
-                lp = self.backend.logprobs(h, weight, labels, temp)
-                ref_lp = self.backend.logprobs(rh, ref_weight, labels, temp)
+                lp = self.backend.logprobs(h, weight, labels, temp, **tf)
+                ref_lp = self.backend.logprobs(rh, ref_weight, labels, temp, **tf)
                 if cfg.ppo.kl_estimator == "full":
-                    kl = self.backend.kl(h, weight, rh, ref_weight, labels, temp)
+                    kl = self.backend.kl(h, weight, rh, ref_weight, labels, temp, **tf)
                 else:
                     kl = self.backend.kl_penalty(lp, ref_lp, cfg.ppo.kl_estimator)
             parts["logprobs"].append(lp)
@@ -278,16 +301,16 @@ class RLTrainer(Loop):
     def compute_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of one micro-batch: policy loss (- entropy bonus, + in-loss KL) + vf_coef * clipped value loss (with a critic)."""
         p, a = self.cfg.ppo, self.cfg.algorithm
-        weight = self.head_weight(self.policy)
+        head = self.head()
         mask = mb.response_mask
         h = self.policy_hidden(mb)
         kl_in_loss = a.kl_in == "loss" and self.kl_ctl.value > 0
         with self.fp32():
             pg_loss, stats = self.backend.policy_loss(
-                h, weight, mb.labels, mb.logprobs, mb.advantages, mask, clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
+                h, head.weight, mb.labels, mb.logprobs, mb.advantages, mask, clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
                 dual_clip=p.dual_clip, entropy_coef=p.entropy_coef, temperature=self.cfg.generation.temperature, loss_agg=p.loss_agg,
                 policy_loss=a.policy_loss, importance_ratio=a.importance_ratio, loss_norm_length=a.loss_norm_length,
-                sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg,
+                sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg, logit_scale=head.logit_scale, softcap=head.softcap,
                 **(dict(ref_logprobs=mb.ref_logprobs, kl_coef=self.kl_ctl.value, kl_estimator=p.kl_estimator,
                         kl_log_ratio_clip=a.kl_log_ratio_clip) if kl_in_loss else {}))
         out = {k: stats[k] for k in ("clipfrac", "approx_kl", "ratio_mean", "entropy") if k in stats}
@@ -348,7 +371,10 @@ class RLTrainer(Loop):
         """
         cfg, a, p = self.cfg, self.cfg.algorithm, self.cfg.ppo
         temp, mask, labels = cfg.generation.temperature, ro.response_mask, ro.labels
-        body, weight = backbone(self.policy), lm_head(self.policy)[0]
+        # the head weight itself (a leaf: updated in place by the step, a trainable tied head enters F exactly);
+        # __init__ refused a softcap and a head folded from LoRA adapters, which the Fisher products do not model
+        head = lm_head_params(self.policy)
+        body, weight, scale = backbone(self.policy), head.weight, head.logit_scale
 
         def hidden(batch: Rollout = ro) -> Tensor:
             if self.split is not None:  # the top layers from the kept bottom output
@@ -366,7 +392,7 @@ class RLTrainer(Loop):
             h = hidden()
             seen.setdefault("old", h.detach())
             seen["last"] = h.detach()
-            lp, ent = self.backend.logprobs(h, weight, labels, temp, return_entropy=True)
+            lp, ent = self.backend.logprobs(h, weight, labels, temp, return_entropy=True, logit_scale=scale)
             loss = -ops.masked_mean(torch.exp((lp - ro.logprobs).clamp(max=20.0)) * ro.advantages, mask)
             if p.entropy_coef:
                 loss = loss - p.entropy_coef * ops.masked_mean(ent, mask)
@@ -377,13 +403,15 @@ class RLTrainer(Loop):
 
         def mean_kl() -> Tensor:  # KL(pi_old || pi_theta): linear_kl's first argument is the distribution sampled
             h = seen.pop("last", None)
-            return ops.masked_mean(self.backend.kl(seen["old"], weight, hidden() if h is None else h, weight, labels, temp), mask)
+            kl = self.backend.kl(seen["old"], weight, hidden() if h is None else h, weight, labels, temp, logit_scale=scale)
+            return ops.masked_mean(kl, mask)
 
         self.set_train(True)
         # Fisher-vector products on every k-th response (as OpenAI baselines' TRPO): CG's cost falls k-fold, F stays exact
         # over the vocabulary and unbiased over the batch.
         sub = ro.select(torch.arange(0, len(ro), a.fisher_every))
-        fvp = make_fvp(self.policy_params, lambda: hidden(sub), weight, sub.response_mask, temperature=temp, damping=a.cg_damping)
+        # softmax(scale * z / T) = softmax(z / (T / scale)): a logit scale is a temperature to the Fisher product
+        fvp = make_fvp(self.policy_params, lambda: hidden(sub), weight, sub.response_mask, temperature=temp / scale, damping=a.cg_damping)
         try:
             out = trpo_step(self.policy_params, surrogate, mean_kl, fvp, max_kl=a.max_kl, cg_iters=a.cg_iters,
                             backtrack_ratio=a.backtrack_ratio, max_backtracks=a.max_backtracks)
@@ -523,8 +551,7 @@ class RLTrainer(Loop):
         if not prompts:
             return {}
         t0 = time.perf_counter()
-        weight = self.head_weight(self.policy)
-        ref_weight = weight if self.ref is None else self.head_weight(self.ref)
+        head, ref_head = self.heads()
         temp = ecfg.temperature or cfg.generation.temperature
         rewards, kls, lengths, first = [], [], [], None
         devices = [self.device] if self.device.type == "cuda" else []
@@ -539,7 +566,8 @@ class RLTrainer(Loop):
                     mb = ro.select(idx)
                     h, rh = self.policy_hidden(mb), self.ref_hidden(mb)
                     with self.fp32():
-                        kls.append(self.backend.kl(h, weight, rh, ref_weight, mb.labels, temp).sum(-1).cpu())
+                        kls.append(self.backend.kl(h, head.weight, rh, ref_head.weight, mb.labels, temp, logit_scale=head.logit_scale,
+                                                   softcap=head.softcap).sum(-1).cpu())
                 lengths.append(ro.response_mask.sum(-1).float().cpu())
                 first = first or (ro.prompts, ro.responses, raw.tolist())
         r = torch.cat(rewards)

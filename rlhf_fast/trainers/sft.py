@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig, RunConfig
-from ..models import backbone, lm_head, maybe_compile, unwrap
+from ..integrations.hf import lm_head_params
+from ..models import backbone, maybe_compile, unwrap
 from ..preference_data import load_examples, with_system_prompt
 from .backend import get_backend
 from .stage import (IGNORE_INDEX, StageDataConfig, StageTrainer, TrainConfig, batch_tensors, encode_conversation, load_policy,
@@ -117,18 +118,18 @@ class SFTTrainer(StageTrainer):
     def token_logprobs(self, examples: list[Tokens]) -> tuple[Tensor, Tensor]:
         """([B, S-1] log-probs of the targets, [B, S-1] target mask)."""
         pad = self.tokenizer.pad_token_id
-        weight = lm_head(self.model)[0]
+        head = lm_head_params(self.model)  # read now: a LoRA head is folded with its graph
         if examples[0].positions is not None:  # packed rows: attention from the position restarts, no 2D mask
             ids = right_pad([e.ids for e in examples], pad).to(self.device)
             labels = right_pad([e.labels for e in examples], IGNORE_INDEX).to(self.device)
             pos = right_pad([e.positions for e in examples], -1)
             tail = pos < 0  # padding forms its own segment: positions 0.. again
             pos = torch.where(tail, tail.long().cumsum(-1) - 1, pos).to(self.device)
-            lp = token_logprobs(self.body, weight, ids, None, labels, self.backend, self.autocast, self.fp32, position_ids=pos,
+            lp = token_logprobs(self.body, head, ids, None, labels, self.backend, self.autocast, self.fp32, position_ids=pos,
                                  head_dtype=self.head_dtype)
         else:
             ids, mask, labels = batch_tensors([e.ids for e in examples], [e.labels for e in examples], pad, self.device)
-            lp = token_logprobs(self.body, weight, ids, mask, labels, self.backend, self.autocast, self.fp32,
+            lp = token_logprobs(self.body, head, ids, mask, labels, self.backend, self.autocast, self.fp32,
                                 head_dtype=self.head_dtype)
         return lp, labels[:, 1:] != IGNORE_INDEX
 

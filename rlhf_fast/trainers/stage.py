@@ -138,12 +138,13 @@ def encode_conversation(msgs: Messages, tokenizer, use_template: bool, last_only
     return ids, labels
 
 
-def token_logprobs(body, weight: Tensor, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, backend,
+def token_logprobs(body, head, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, backend,
                    autocast, fp32, position_ids: Tensor | None = None, head_dtype: torch.dtype = torch.float32) -> Tensor:
     """[B, S-1] float32 log-probs of ``labels[:, 1:]`` (0 where IGNORE_INDEX) from the backbone's hidden states and the
-    LM-head weight through ``backend.logprobs`` (``rlhf_fast.ops.linear_logprobs`` when fused: no [tokens x vocab]
-    logits). ``position_ids`` with ``attention_mask=None`` runs packed rows (each restart of the positions begins
-    a sequence the others cannot attend to, transformers' packed-sequence masking)."""
+    LM head (``integrations.hf.LMHead``: weight [V, H] and the model's logit scale / softcap) through
+    ``backend.logprobs`` (``rlhf_fast.ops.linear_logprobs`` when fused: no [tokens x vocab] logits).
+    ``position_ids`` with ``attention_mask=None`` runs packed rows (each restart of the positions begins a sequence
+    the others cannot attend to, transformers' packed-sequence masking)."""
     from ..models import hidden_states
 
     with autocast():
@@ -154,7 +155,8 @@ def token_logprobs(body, weight: Tensor, input_ids: Tensor, attention_mask: Tens
     with fp32():
         # head_dtype bf16 under bf16 (the fused ops accumulate in fp32): fp32 operands would take the GPU's
         # exact-fp32 dot path, many times slower than its bf16 tensor cores
-        return backend.logprobs(h[:, :-1].to(head_dtype), weight.to(head_dtype), labels[:, 1:], 1.0)
+        return backend.logprobs(h[:, :-1].to(head_dtype), head.weight.to(head_dtype), labels[:, 1:], 1.0,
+                                logit_scale=head.logit_scale, softcap=head.softcap)
 
 
 def right_pad(seqs: list[list[int]], value: int) -> Tensor:
@@ -283,10 +285,12 @@ def report_data(name: str, loaded, n_train: int, n_eval: int, dropped_long: int,
             "data/skipped_invalid": float(loaded.skipped), "data/dropped_long": float(dropped_long)}
 
 
-def load_policy(model_cfg, device: torch.device, bf16: bool):
+def load_policy(model_cfg, device: torch.device, bf16: bool, no_dropout: bool = False):
     """(tokenizer, causal LM) of ``model.policy`` (``rlhf_fast.config.ModelConfig``: LoRA, gradient checkpointing);
-    ``bf16``: whether it runs under bf16 autocast (see ``attn_implementation``)."""
-    from ..models import add_lora, attn_implementation, enable_gradient_checkpointing, lm_head, load_causal_lm, load_tokenizer, resolve_model_path
+    ``bf16``: whether it runs under bf16 autocast (see ``attn_implementation``); ``no_dropout``: every dropout
+    (LoRA's included) set to 0. Raises UserError for an LM head the trainers cannot score (``checked_lm_head``)."""
+    from ..models import (add_lora, attn_implementation, checked_lm_head, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
+                          load_tokenizer, resolve_model_path)
 
     path = resolve_model_path(model_cfg.policy, "model.policy")
     tokenizer = load_tokenizer(path)
@@ -295,6 +299,7 @@ def load_policy(model_cfg, device: torch.device, bf16: bool):
         model = add_lora(model, model_cfg.lora)
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, model_cfg.lora.enabled)
-    if lm_head(model)[1] is not None:
-        raise UserError("model.policy: LM heads with a bias are not supported")
+    if no_dropout:
+        disable_dropout(model)
+    checked_lm_head(model)  # a head the ops cannot reproduce, or with a bias, fails here rather than mid-training
     return tokenizer, model
