@@ -1,11 +1,14 @@
-"""One PPO iteration, fused vs eager: generation, scoring and update timed separately.
+"""One PPO iteration per variant: generation, scoring and update timed separately, and the memory of each model.
 
 The model is random-weight (speed does not depend on the weights), shaped from the command line or a preset,
 and runs through the real trainer (``RLTrainer.run_unit``), so the numbers are the trainer's own. Each variant
-runs in a fresh subprocess so its peak memory is its own: peak RSS (``getrusage``) on CPU,
-``torch.cuda.max_memory_allocated`` per phase on CUDA. JSON goes to ``benchmarks/results/``.
+(``VARIANTS``: kernels, what trains, trunk sharing) runs in a fresh subprocess so its peak memory is its own:
+peak RSS (``getrusage``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA; plus the parameter bytes that the
+policy, the reference and the critic each hold beyond what they share. JSON goes to ``benchmarks/results/``.
 
   python benchmarks/bench_ppo_step.py --preset smollm2-135m --batch 8 --prompt-len 40 --response-len 48
+  python benchmarks/bench_ppo_step.py --variants today,lean --batch 16 --micro-batch 8 --ppo-epochs 2 --response-len 40
+  python benchmarks/bench_ppo_step.py --variants full,top,lora --share-critic        # memory per configuration
   python benchmarks/bench_ppo_step.py --preset qwen2.5-1.5b --device cuda --batch 8 --response-len 1024
 """
 from __future__ import annotations
@@ -30,6 +33,16 @@ PRESETS = {  # architecture shapes only (random weights)
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "tiny": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
+}
+TOP = "top-layers"  # stands for --top-layers in VARIANTS
+VARIANTS = {  # name -> config overrides (on top of the command line's)
+    "fused": {},  # rlhf_fast.ops, all weights train
+    "eager": {"kernels": "eager"},  # full-logits PyTorch (rlhf_fast.ops.reference)
+    "today": {"model.trainable_layers": TOP, "model.share_frozen_trunk": False},  # the reference a deep copy, 30-layer forwards
+    "lean": {"model.trainable_layers": TOP, "model.share_frozen_trunk": True},  # the frozen bottom shared and run once
+    "full": {},
+    "top": {"model.trainable_layers": TOP},
+    "lora": {"model.lora.enabled": True},
 }
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
 
@@ -80,6 +93,19 @@ def write_prompts(path: Path, n: int, prompt_len: int, model_dir: Path) -> None:
             f.write(json.dumps({"prompt": text, "split": "train"}) + "\n")
 
 
+def params_mb(trainer) -> dict:
+    """Parameter MB each model holds beyond the policy's (storage counted once: shared or tied weights are free)."""
+
+    def storages(*modules):
+        return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in modules if m is not None for p in m.parameters()}
+
+    policy = storages(trainer.policy)
+    ref = storages(trainer.ref) if trainer.ref is not None else storages(*getattr(trainer, "ref_top", ()) or ())
+    critic = storages(trainer.critic)
+    extra = lambda d: sum(v for k, v in d.items() if k not in policy) / 2**20  # noqa: E731
+    return {"policy": sum(policy.values()) / 2**20, "reference": extra(ref), "critic": extra(critic)}
+
+
 def child(args) -> dict:
     """Run in a fresh process: build, warm up, time one iteration of one variant."""
     import torch
@@ -92,14 +118,14 @@ def child(args) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         tmp = Path(args.workdir)
         cfg = load_config(None, {
-            "model.policy": str(tmp / "model"), "output_dir": run_dir, "kernels": args.variant, "device": args.device,
+            "model.policy": str(tmp / "model"), "output_dir": run_dir, "device": args.device,
             "model.bf16": args.bf16, "model.compile": args.compile, "critic.share_backbone": args.share_critic,
-            "model.lora.enabled": args.lora, "reward.sources": [{"spec": "bench_ppo_step:constant_reward"}],
+            "reward.sources": [{"spec": "bench_ppo_step:constant_reward"}],
             "data.prompt_file": str(tmp / "prompts.jsonl"), "data.max_prompt_length": args.prompt_len + 16,
             "generation.max_new_tokens": args.response_len, "ppo.batch_size": args.batch, "ppo.minibatch_size": args.batch,
             "ppo.micro_batch_size": args.micro_batch, "ppo.ppo_epochs": args.ppo_epochs, "ppo.kl_estimator": args.kl_estimator,
             "progress_bar": False, "num_samples_logged": 0, "threads": args.threads,
-        })
+        } | {k: args.top_layers if v == TOP else v for k, v in VARIANTS[args.variant].items()})
         trainer = RLTrainer(cfg)
         dev = trainer.device
         rows = []
@@ -119,6 +145,7 @@ def child(args) -> dict:
                              "update": args.ppo_epochs * n_seq_tokens / m["time/update"], "iteration": n_resp / m["time/iteration"]},
             "response_length_mean": m["response/length"],
             "loss_total": m.get("loss/total"),
+            "params_mb": params_mb(trainer),
         }
         if dev.type == "cuda":
             out["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
@@ -129,6 +156,11 @@ def child(args) -> dict:
             out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             out["peak_memory_kind"] = "peak RSS of the process (getrusage)"
         return out
+
+
+def load() -> str:
+    """uptime's 1/5/15-minute load averages: the machine may be shared."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv=None) -> int:
@@ -145,16 +177,19 @@ def main(argv=None) -> int:
     ap.add_argument("--kl-estimator", default="k1")
     ap.add_argument("--bf16", default="auto")
     ap.add_argument("--compile", default="false", help="auto|true|false (false keeps compile time out of short runs)")
+    ap.add_argument("--top-layers", type=int, default=8, help="layers that train in the today, lean and top variants")
     ap.add_argument("--share-critic", action="store_true", help="value head on the policy backbone (no critic copy)")
-    ap.add_argument("--lora", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    ap.add_argument("--variants", default="fused,eager")
+    ap.add_argument("--variants", default="fused,eager", help=f"comma-separated among {', '.join(VARIANTS)}")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ppo_step_<preset>_<device>.json)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.micro_batch = args.micro_batch or args.batch
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)}; choose among {', '.join(VARIANTS)}")
 
     if args.variant:  # the child process
         print("RESULT " + json.dumps(child(args)), flush=True)
@@ -173,10 +208,10 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--variant", variant]
         for k, v in vars(args).items():
-            if k in ("variant", "shape", "variants", "out", "preset", "share_critic", "lora") or k in SHAPE_KEYS or v is None:
+            if k in ("variant", "shape", "variants", "out", "preset", "share_critic") or k in SHAPE_KEYS or v is None:
                 continue
             cmd += ["--" + k.replace("_", "-"), str(device if k == "device" else v)]
-        cmd += ["--share-critic"] * args.share_critic + ["--lora"] * args.lora
+        cmd += ["--share-critic"] * args.share_critic
         t0 = time.time()
         # PASSIVE: idle OpenMP threads sleep rather than spin (as the CLI sets it), so a shared CPU does not stall
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
@@ -192,7 +227,8 @@ def main(argv=None) -> int:
         r = results[variant]
         print(f"{variant:6s} generate {r['time_s']['generate']:7.2f}s  score {r['time_s']['score']:7.2f}s  update {r['time_s']['update']:7.2f}s  "
               f"| tok/s gen {r['tokens_per_s']['generate']:8.1f} score {r['tokens_per_s']['score']:8.1f} update {r['tokens_per_s']['update']:8.1f}"
-              f"  | peak {r['peak_memory_mb']:.0f} MB  ({time.time() - t0:.0f}s wall)", flush=True)
+              f"  | peak {r['peak_memory_mb']:.0f} MB, params MB {r['params_mb']}  ({time.time() - t0:.0f}s wall, load {load()})", flush=True)
+        r["load_average"] = load()
     info = {
         "benchmark": "one PPO iteration (RLTrainer.run_unit): generation, scoring, update",
         "shape": shape, "device": device, "torch": torch.__version__, "platform": platform.platform(),
