@@ -82,3 +82,16 @@ def letter_reward(prompts: list[str], responses: list[str]) -> list[float]:
 
 def nan_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [float("nan")] + [0.5] * (len(responses) - 1)
+
+
+def grouped_rollout(trainer, n_prompts: int):
+    """One scored rollout of the first ``n_prompts`` train prompts, ``generation.n`` responses each, grouped by prompt."""
+    from rlhf_fast.rollout import generate
+
+    torch.manual_seed(3)
+    n = trainer.cfg.generation.n
+    prompts = [p for p in trainer.data.train[:n_prompts] for _ in range(n)]
+    ro = generate(trainer.policy, trainer.tokenizer, prompts, trainer.cfg.generation, trainer.eos_ids, trainer.device, trainer.autocast)
+    ro.group_ids = torch.arange(n_prompts).repeat_interleave(n)
+    trainer.score(ro)
+    return ro

@@ -6,12 +6,11 @@ import signal
 
 import pytest
 import torch
-from ppo_tiny import make_tiny_models, tiny_config
+from ppo_tiny import grouped_rollout, make_tiny_models, tiny_config
 from safetensors.torch import load_file
 
 from rlhf_fast.checkpoint import StopRequest
 from rlhf_fast.errors import UserError
-from rlhf_fast.rollout import generate
 from rlhf_fast.tracking import read_metrics
 from rlhf_fast.trainers.backend import get_backend
 from rlhf_fast.trainers.ppo import RLTrainer
@@ -75,21 +74,11 @@ def test_rollout_groups_are_n_responses_per_prompt(tiny, tmp_path):
     assert torch.equal(prompt_rows[0::2], prompt_rows[1::2])  # the two samples of a group answer one prompt
 
 
-def _rollout(trainer, n_prompts=4):
-    torch.manual_seed(3)
-    n = trainer.cfg.generation.n
-    prompts = [p for p in trainer.data.train[:n_prompts] for _ in range(n)]
-    ro = generate(trainer.policy, trainer.tokenizer, prompts, trainer.cfg.generation, trainer.eos_ids, trainer.device, trainer.autocast)
-    ro.group_ids = torch.arange(n_prompts).repeat_interleave(n)
-    trainer.score(ro)
-    return ro
-
-
 def test_outcome_advantages_price_the_kl_and_fill_the_response(tiny, tmp_path):
     """GRPO with the KL in the reward: A_i = (s_i - beta KL_i - mean_g) / (std_g + eps) on every valid token, 0 elsewhere."""
     trainer = RLTrainer(tiny_config(tiny["policy"], tmp_path / "run", **GROUPED, **{"algorithm.adv_estimator": "grpo",
                                                                                     "ppo.kl_coef": 0.3}))
-    ro = _rollout(trainer)
+    ro = grouped_rollout(trainer, 4)
     ro.kl = torch.where(ro.response_mask, torch.rand(ro.kl.shape, generator=torch.Generator().manual_seed(0)), 0.0)
     scores = torch.tensor([0.1, 0.9, 0.5, 0.5, -1.0, 2.0, 0.0, 0.3])
     kept, _ = trainer.filter_groups(ro, scores)
@@ -108,7 +97,7 @@ def test_outcome_advantages_price_the_kl_and_fill_the_response(tiny, tmp_path):
 def test_dynamic_sampling_drops_groups_with_equal_scores(tiny, tmp_path):
     trainer = RLTrainer(tiny_config(tiny["policy"], tmp_path / "run", **GROUPED,
                                     **{"algorithm.adv_estimator": "grpo", "algorithm.dynamic_sampling": True}))
-    ro = _rollout(trainer)
+    ro = grouped_rollout(trainer, 4)
     scores = torch.tensor([1.0, 1.0, 0.2, 0.7, 0.0, 0.0, -1.0, 1.0])  # groups 0 and 2 carry no signal
     kept, frac = trainer.filter_groups(ro, scores)
     assert frac == 0.5 and kept.extras["rows"].tolist() == [2, 3, 6, 7]
@@ -124,7 +113,7 @@ def test_dynamic_sampling_drops_groups_with_equal_scores(tiny, tmp_path):
 def test_fused_and_eager_agree_on_the_loss_variants(tiny, tmp_path, over):
     trainer = RLTrainer(tiny_config(tiny["policy"], tmp_path / "run", **GROUPED, **{"algorithm.adv_estimator": "grpo",
                                                                                     "ppo.entropy_coef": 0.01}, **over))
-    ro = _rollout(trainer)
+    ro = grouped_rollout(trainer, 4)
     trainer.advantages(trainer.filter_groups(ro, torch.linspace(-1, 1, len(ro)))[0], torch.linspace(-1, 1, len(ro)))
     ro.logprobs = ro.logprobs + 0.1 * torch.randn(ro.logprobs.shape, generator=torch.Generator().manual_seed(1))
     ro.ref_logprobs = ro.ref_logprobs - 0.2 * torch.rand(ro.logprobs.shape, generator=torch.Generator().manual_seed(2))

@@ -14,11 +14,10 @@ import random
 
 import pytest
 import torch
-from ppo_tiny import make_tokenizer, tiny_config
+from ppo_tiny import grouped_rollout, make_tokenizer, tiny_config
 
 from rlhf_fast.errors import UserError
 from rlhf_fast.models import unwrap
-from rlhf_fast.rollout import generate
 from rlhf_fast.trainers import ppo as ppo_module
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
 from rlhf_fast.trainers.ppo import RLTrainer
@@ -93,16 +92,6 @@ def rl_trainer(path, out, **over):
                                                "ppo.iterations": 1, **GROUPED, **over}))
 
 
-def rollout(trainer, n_prompts=2):
-    torch.manual_seed(3)
-    n = trainer.cfg.generation.n
-    prompts = [p for p in trainer.data.train[:n_prompts] for _ in range(n)]
-    ro = generate(trainer.policy, trainer.tokenizer, prompts, trainer.cfg.generation, trainer.eos_ids, trainer.device, trainer.autocast)
-    ro.group_ids = torch.arange(n_prompts).repeat_interleave(n)
-    trainer.score(ro)
-    return ro
-
-
 def update(trainer, ro) -> dict:
     scores = torch.linspace(-1, 1, len(ro))
     kept, _ = trainer.filter_groups(ro, scores)
@@ -123,14 +112,14 @@ def check_scores(trainer, ro, policy, ref):
 @pytest.mark.parametrize("family", ["gemma2", "cohere"])
 def test_rl_scores_the_models_own_distribution(paths, tmp_path, family, kernels):
     trainer = rl_trainer(paths[family], tmp_path / "run", kernels=kernels, **{"ppo.kl_estimator": "full"})
-    ro = rollout(trainer)
+    ro = grouped_rollout(trainer, 2)
     check_scores(trainer, ro, trainer.policy, trainer.ref)
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     metrics = update(trainer, ro)
     assert math.isfinite(metrics["loss/policy"]) and math.isfinite(metrics["grad_norm"])
     assert any(not torch.equal(before[n], p) for n, p in trainer.policy.named_parameters()), "no weight changed"
     # the policy moved, the reference did not: each log-prob (and the exact KL between them) from its own model
-    ro = rollout(trainer)
+    ro = grouped_rollout(trainer, 2)
     check_scores(trainer, ro, trainer.policy, trainer.ref)
     assert (ro.logprobs - ro.ref_logprobs)[ro.response_mask].abs().max() > 1e-4
 
@@ -145,7 +134,7 @@ def test_rl_lora_on_lm_head_is_in_the_logprobs(paths, tmp_path, kernels):
     head = unwrap(trainer.policy).lm_head
     with torch.no_grad():  # B starts at 0 (a no-op adapter): make the head's adapter matter
         head.lora_B["default"].weight.normal_(0, 0.3)
-    ro = rollout(trainer)
+    ro = grouped_rollout(trainer, 2)
     with trainer.policy.disable_adapter():
         ref_lsm = own_log_softmax(trainer.policy, ro.input_ids, ro.attention_mask, ro.prompt_len - 1, TEMP)
     lsm = own_log_softmax(trainer.policy, ro.input_ids, ro.attention_mask, ro.prompt_len - 1, TEMP)
