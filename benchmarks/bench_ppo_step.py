@@ -7,7 +7,7 @@ peak RSS (``getrusage``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA; pl
 policy, the reference and the critic each hold beyond what they share. JSON goes to ``benchmarks/results/``.
 
   python benchmarks/bench_ppo_step.py --preset smollm2-135m --batch 8 --prompt-len 40 --response-len 48
-  python benchmarks/bench_ppo_step.py --variants today,lean --batch 16 --micro-batch 8 --ppo-epochs 2 --response-len 40
+  python benchmarks/bench_ppo_step.py --variants today,shared,lean --batch 16 --micro-batch 8 --ppo-epochs 2 --response-len 40
   python benchmarks/bench_ppo_step.py --variants full,top,lora --share-critic        # memory per configuration
   python benchmarks/bench_ppo_step.py --preset qwen2.5-1.5b --device cuda --batch 8 --response-len 1024
 """
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,8 +39,12 @@ TOP = "top-layers"  # stands for --top-layers in VARIANTS
 VARIANTS = {  # name -> config overrides (on top of the command line's)
     "fused": {},  # rlhf_fast.ops, all weights train
     "eager": {"kernels": "eager"},  # full-logits PyTorch (rlhf_fast.ops.reference)
-    "today": {"model.trainable_layers": TOP, "model.share_frozen_trunk": False},  # the reference a deep copy, 30-layer forwards
-    "lean": {"model.trainable_layers": TOP, "model.share_frozen_trunk": True},  # the frozen bottom shared and run once
+    # top layers train; a separate critic trains the same top layers (critic.trainable_layers; dropped with --share-critic)
+    "today": {"model.trainable_layers": TOP, "critic.trainable_layers": TOP, "model.share_frozen_trunk": False,
+              "generation.share_prefix": False},  # deep copies, full forwards, every prompt token encoded per row
+    "shared": {"model.trainable_layers": TOP, "critic.trainable_layers": TOP, "model.share_frozen_trunk": True,
+               "generation.keep_hidden": "false", "generation.share_prefix": False},  # the frozen bottom shared, run once per scoring micro-batch
+    "lean": {"model.trainable_layers": TOP, "critic.trainable_layers": TOP, "model.share_frozen_trunk": True},  # + bottom kept from sampling, prefix once
     "full": {},
     "top": {"model.trainable_layers": TOP},
     "lora": {"model.lora.enabled": True},
@@ -125,17 +130,21 @@ def child(args) -> dict:
             "generation.max_new_tokens": args.response_len, "ppo.batch_size": args.batch, "ppo.minibatch_size": args.batch,
             "ppo.micro_batch_size": args.micro_batch, "ppo.ppo_epochs": args.ppo_epochs, "ppo.kl_estimator": args.kl_estimator,
             "progress_bar": False, "num_samples_logged": 0, "threads": args.threads,
-        } | {k: args.top_layers if v == TOP else v for k, v in VARIANTS[args.variant].items()})
+        } | {k: args.top_layers if v == TOP else v for k, v in VARIANTS[args.variant].items()
+             if not (args.share_critic and k == "critic.trainable_layers")})
         trainer = RLTrainer(cfg)
         dev = trainer.device
         rows = []
         with StopRequest() as stop:
-            for i in range(args.warmup + 1):
+            for i in range(args.warmup + args.reps):
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(dev)
                 rows.append(trainer.run_unit(stop))
-        m = rows[-1]
+        timed = rows[args.warmup:]
+        # the median iteration (by total time) and, per phase, the median over the timed iterations
+        m = dict(sorted(timed, key=lambda r: r["time/iteration"])[len(timed) // 2])
+        m |= {k: statistics.median(r[k] for r in timed) for k in ("time/generate", "time/score", "time/update", "time/iteration")}
         n_seq_tokens = args.batch * (args.prompt_len + m["response/length"])  # approximate (prompts vary by a few tokens)
         n_resp = args.batch * m["response/length"]
         out = {
@@ -143,6 +152,7 @@ def child(args) -> dict:
             "time_s": {"generate": m["time/generate"], "score": m["time/score"], "update": m["time/update"], "iteration": m["time/iteration"]},
             "tokens_per_s": {"generate": n_resp / m["time/generate"], "score": n_seq_tokens / m["time/score"],
                              "update": args.ppo_epochs * n_seq_tokens / m["time/update"], "iteration": n_resp / m["time/iteration"]},
+            "iterations_s": [r["time/iteration"] for r in timed],
             "response_length_mean": m["response/length"],
             "loss_total": m.get("loss/total"),
             "params_mb": params_mb(trainer),
@@ -181,6 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--share-critic", action="store_true", help="value head on the policy backbone (no critic copy)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    ap.add_argument("--reps", type=int, default=3, help="timed iterations: each phase's median is reported")
     ap.add_argument("--variants", default="fused,eager", help=f"comma-separated among {', '.join(VARIANTS)}")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ppo_step_<preset>_<device>.json)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)

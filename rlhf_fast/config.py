@@ -50,6 +50,9 @@ class CriticConfig:
     init_from: str = "policy"  # "policy" | "reward" (the first reward model's backbone and score head)
     share_backbone: bool = False  # false: a separate backbone copy; true: one model, two heads (value head on the policy's backbone)
     lr: float | None = None  # None: ppo.lr
+    # a separate critic trains its top N layers (+ final norm) only; None: all. Equal to model.trainable_layers with a
+    # shared frozen trunk, the critic holds just those layers and runs them from the trunk output the policy computed
+    trainable_layers: int | None = None
 
 
 @dataclass
@@ -85,6 +88,11 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    # with a shared frozen trunk (model.share_frozen_trunk), keep its output that sampling computes, so scoring does not
+    # run the bottom layers again. auto: in fp32, where it equals a fresh forward's to fp32 rounding; not under bf16,
+    # where the KV-cached decode and the full forward differ by bf16 rounding
+    keep_hidden: str = "auto"
+    share_prefix: bool = True  # the prompts' common token prefix (a chat template's system prompt) is encoded once per batch
 
 
 @dataclass
@@ -195,6 +203,10 @@ class Config(RunConfig):
         _choice("ppo.kl_estimator", p.kl_estimator, ("k1", "k2", "k3", "abs", "full"))
         _choice("ppo.loss_agg", p.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
         _choice("critic.init_from", self.critic.init_from, ("policy", "reward"))
+        _choice("generation.keep_hidden", g.keep_hidden, ("auto", "true", "false"))
+        if self.critic.trainable_layers is not None and self.critic.share_backbone:
+            raise UserError("critic.trainable_layers: applies to a separate critic; with critic.share_backbone=true the value "
+                            "head sits on the policy, which model.trainable_layers sets")
         _choice("ppo.lr_schedule", p.lr_schedule, LR_SCHEDULES)
         for key, value in [("ppo.iterations", p.iterations), ("ppo.batch_size", p.batch_size), ("ppo.minibatch_size", p.minibatch_size),
                            ("ppo.micro_batch_size", p.micro_batch_size), ("ppo.ppo_epochs", p.ppo_epochs),

@@ -169,7 +169,7 @@ def add_lora(model, lora_cfg):
     return get_peft_model(model, cfg)
 
 
-def train_top_layers(model: nn.Module, n: int) -> None:
+def train_top_layers(model: nn.Module, n: int, what: str = "model.trainable_layers") -> None:
     """Freeze everything but the top ``n`` decoder layers and the final norm (the tied LM head stays frozen).
 
     Backward then stops at layer L - n, so an update costs far less than full fine-tuning, and the policy moves
@@ -179,7 +179,7 @@ def train_top_layers(model: nn.Module, n: int) -> None:
     layers = getattr(body, "layers", None) or getattr(body, "h", None)
     if layers is None or not 1 <= n <= len(layers):
         count = "?" if layers is None else len(layers)
-        raise UserError(f"model.trainable_layers: expected 1..{count} (the model's decoder layers), got {n}")
+        raise UserError(f"{what}: expected 1..{count} (the model's decoder layers), got {n}")
     model.requires_grad_(False)
     for layer in list(layers)[-n:]:
         layer.requires_grad_(True)
@@ -330,6 +330,10 @@ class TrunkSplit:
         return self._run(layers, self.body.norm if norm is None else norm, inputs_embeds=bottom, attention_mask=attention_mask,
                          position_ids=position_ids(attention_mask))
 
+    def boundary(self) -> nn.Module:
+        """The module whose output is the bottom's output (the last frozen layer, or the embedding when none is)."""
+        return self.body.layers[self.k - 1] if self.k else self.body.embed_tokens
+
     def frozen_top_copy(self) -> tuple[nn.ModuleList, nn.Module]:
         """A frozen copy of the top layers and the final norm: a reference that shares the bottom holds only these."""
         layers = copy.deepcopy(nn.ModuleList(list(self.body.layers)[self.k:])).eval().requires_grad_(False)
@@ -337,11 +341,15 @@ class TrunkSplit:
 
 
 class Critic(nn.Module):
-    """Value model: a backbone plus a scalar head; ``body=None`` puts the head on the policy's backbone."""
+    """Value model: a scalar head on hidden states from one of three bodies. ``body``: its own backbone copy;
+    ``top`` (layers, norm): its own copy of the top layers, run from the policy's frozen trunk (``TrunkSplit``);
+    neither: the head sits on the policy's backbone."""
 
-    def __init__(self, hidden_size: int, body: nn.Module | None = None, head: nn.Linear | None = None):
+    def __init__(self, hidden_size: int, body: nn.Module | None = None, head: nn.Linear | None = None,
+                 top: tuple[nn.ModuleList, nn.Module] | None = None):
         super().__init__()
         self.body = body
+        self.top_layers, self.top_norm = top if top is not None else (None, None)
         if head is None:
             head = nn.Linear(hidden_size, 1)
             nn.init.zeros_(head.weight)  # start from V = 0 (as OpenAI's lm-human-preferences), learned from returns
@@ -353,15 +361,28 @@ class Critic(nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
-def build_critic(policy: nn.Module, critic_cfg, policy_tokenizer, reward_model_path: str | None, device) -> Critic:
-    """The critic of ``critic_cfg``: on the policy's backbone, a copy of it, or the reward model's backbone and head."""
+def build_critic(policy: nn.Module, critic_cfg, policy_tokenizer, reward_model_path: str | None, device,
+                 split: "TrunkSplit | None" = None) -> Critic:
+    """The critic of ``critic_cfg``: on the policy's backbone, a copy of it, or the reward model's backbone and head.
+
+    With ``critic.trainable_layers`` the copy trains its top layers only; when ``split`` (the policy's shared frozen
+    trunk) cuts at the same depth, the critic's frozen bottom would be the policy's own, so it copies just the top.
+    """
     hidden_size = unwrap(policy).config.hidden_size
     if critic_cfg.share_backbone:
         if critic_cfg.init_from != "policy":
             raise UserError("critic.share_backbone=true puts the value head on the policy: use critic.init_from=policy")
         return Critic(hidden_size).to(device)
+    n = critic_cfg.trainable_layers
     if critic_cfg.init_from == "policy":  # call before wrapping the policy in LoRA: the critic copies plain weights
-        return Critic(hidden_size, copy.deepcopy(backbone(policy)).train()).to(device)
+        if split is not None and n == len(split.body.layers) - split.k:
+            layers, norm = split.frozen_top_copy()
+            return Critic(hidden_size, top=(layers.train().requires_grad_(True), norm.train().requires_grad_(True))).to(device)
+        critic = Critic(hidden_size, copy.deepcopy(backbone(policy)).train().requires_grad_(True))
+        if n is not None:
+            train_top_layers(critic.body, n, "critic.trainable_layers")
+            critic.head.requires_grad_(True)
+        return critic.to(device)
     if reward_model_path is None:
         raise UserError("critic.init_from=reward needs a reward model folder among reward.sources")
     from transformers import AutoModelForSequenceClassification
@@ -372,5 +393,9 @@ def build_critic(policy: nn.Module, critic_cfg, policy_tokenizer, reward_model_p
                         "policy, and the critic reads the policy's token ids; use critic.init_from=policy")
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model_path, dtype=torch.float32)
     head = rm.score if hasattr(rm, "score") else None
-    return Critic(rm.config.hidden_size, backbone(rm), head if isinstance(head, nn.Linear) and head.out_features == 1 else None).to(device)
+    critic = Critic(rm.config.hidden_size, backbone(rm), head if isinstance(head, nn.Linear) and head.out_features == 1 else None)
+    if n is not None:
+        train_top_layers(critic.body, n, "critic.trainable_layers")
+        critic.head.requires_grad_(True)
+    return critic.to(device)
 

@@ -1,17 +1,21 @@
 """Rollouts: batched sampling with a KV cache, masking after EOS, and the per-token tensors PPO needs.
 
-Layout of a rollout of B prompts: ``input_ids = [left-padded prompt (P) | response (T)]``. Response token t
+Layout of a rollout of B prompts: ``input_ids = [padded prompt (P) | response (T)]``, every prompt ending at column
+P - 1; its padding sits after the prompts' common prefix (a chat template's system prompt), which is then encoded
+once for the batch (``common_prefix``), or at the left. Positions count attended tokens only. Response token t
 sits at column P + t and is predicted from the hidden state at column P + t - 1, so
 ``hidden[:, P-1 : P+T-1]`` scores the response; the value of the state before token t is read there too.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .data import Prompt, left_pad
+from .models import position_ids
 
 IGNORE_INDEX = -100
 
@@ -70,15 +74,72 @@ def response_mask(response_ids: Tensor, eos_ids: list[int]) -> Tensor:
     return ~after
 
 
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix all ``seqs`` share, less one where it would reach a sequence's end (the last prompt
+    token must be fed with the batch: its hidden state predicts the first response token)."""
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(first[:n], s[:n])) if a != b), n)
+    return max(n, 0)
+
+
+def group_size(seqs: list[list[int]]) -> int:
+    """g when ``seqs`` come in consecutive runs of g > 1 identical sequences (``generation.n`` samples per prompt), else 1."""
+    g = next((i for i, s in enumerate(seqs) if s != seqs[0]), len(seqs))
+    if g < 2 or len(seqs) % g or any(seqs[i] != seqs[i - i % g] for i in range(len(seqs))):
+        return 1
+    return g
+
+
+def pad_after_prefix(seqs: list[list[int]], pad_id: int, prefix: int) -> tuple[Tensor, Tensor]:
+    """[B, P] ids and attention mask: the shared ``prefix`` columns, then each row's padding, then its rest
+    (right-aligned, so every answer starts at column P); ``prefix`` 0 is plain left padding."""
+    ids, mask = left_pad([s[prefix:] for s in seqs], pad_id)
+    head = torch.tensor(seqs[0][:prefix], dtype=torch.long).expand(len(seqs), prefix)
+    return torch.cat([head, ids], dim=1), torch.cat([torch.ones_like(head), mask], dim=1)
+
+
+@contextmanager
+def recording(module: nn.Module | None):
+    """A forward hook that collects ``module``'s outputs over a ``generate`` call: the prefill's [B, P, H], then one
+    [B, 1, H] per decode step. Yields the list of detached outputs, in call order."""
+    seen = []
+    handle = None if module is None else module.register_forward_hook(
+        lambda _m, _in, out: seen.append((out[0] if isinstance(out, tuple) else out).detach()))
+    try:
+        yield seen
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 @torch.no_grad()
 def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[int], device: torch.device,
-             autocast, temperature: float | None = None, greedy: bool = False) -> Rollout:
+             autocast, temperature: float | None = None, greedy: bool = False, keep_trunk: nn.Module | None = None,
+             share_prefix: bool = True) -> Rollout:
     """Sample one response per prompt with transformers' ``generate`` (KV cache, stops once all rows hit EOS);
-    ``greedy``: the argmax response instead (ReMax's baseline)."""
+    ``greedy``: the argmax response instead (ReMax's baseline).
+
+    ``share_prefix``: prompt tokens that several rows share run once and their KV cache is repeated: with runs of g
+    identical prompts (``group_size``, GRPO's samples), each prompt once; else the common prefix (``common_prefix``,
+    a chat template's system prompt) once. The distribution sampled is the same, up to float rounding.
+
+    ``keep_trunk``: a module inside the policy (the last layer of its frozen bottom, ``models.TrunkSplit.boundary``)
+    whose outputs, which sampling computes anyway, become ``trunk_hidden`` [B, P + T, H], so scoring need not run the
+    bottom again. The KV-cached decode computes them a column at a time rather than in one causal pass: they equal
+    the full forward's up to float rounding. The last response token is never fed back, so the last column is zeros:
+    it feeds no other position (causal attention) and no score reads its output.
+    """
     from transformers import GenerationConfig
 
-    prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], tokenizer.pad_token_id)
+    seqs = [p.ids for p in prompts]
+    prefix = common_prefix(seqs) if share_prefix and len(seqs) > 1 else 0
+    prompt_ids, prompt_mask = pad_after_prefix(seqs, tokenizer.pad_token_id, prefix)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    # What is encoded once: with runs of g identical prompts (generation.n), every column but the last of one row per
+    # run, its KV cache then repeated g times; else the common prefix of one row, repeated for the batch.
+    g = group_size(seqs) if share_prefix else 1
+    rows, width, repeat = (slice(None, None, g), prompt_ids.shape[1] - 1, g) if g > 1 else (slice(0, 1), prefix, len(seqs))
     # Every sampling knob explicit: a model's generation_config.json (e.g. its own top_k) must not leak in,
     # or the sampling distribution would differ from the one the log-probs are computed under.
     config = GenerationConfig(
@@ -88,8 +149,17 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     )
     was_training = policy.training
     policy.eval()
-    with autocast():
-        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    with autocast(), recording(keep_trunk) as seen:
+        cache = {}
+        if width:  # transformers' generate feeds only the columns past the cache's length
+            m = prompt_mask[rows, :width]  # positions count attended tokens, as generate counts them (padding may precede)
+            head = policy(input_ids=prompt_ids[rows, :width], attention_mask=m, position_ids=position_ids(m), use_cache=True, logits_to_keep=1)
+            name = "cache" if "cache" in head else "past_key_values"  # renamed in transformers 5.2x
+            head[name].batch_repeat_interleave(repeat)
+            cache[name] = head[name]
+            if seen:
+                seen[0] = seen[0].repeat_interleave(repeat, dim=0)
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **cache)
     policy.train(was_training)
     P = prompt_ids.shape[1]
     resp = out[:, P:]
@@ -100,7 +170,9 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     has_eos = torch.isin(resp, torch.tensor(eos_ids, device=device)) & mask
     no_eos = ~has_eos.any(-1)
     texts = tokenizer.batch_decode(torch.where(has_eos, tokenizer.pad_token_id, resp).tolist(), skip_special_tokens=True)
+    trunk = torch.cat(seen, dim=1)[:, :P + T - 1] if seen else None  # columns 0 .. P+T-2
     return Rollout(
+        trunk_hidden=None if trunk is None else torch.cat([trunk, trunk.new_zeros(trunk.shape[0], 1, trunk.shape[2])], dim=1),
         prompts=[p.text for p in prompts], responses=texts,
         messages=[p.messages or [dict(role="user", content=p.text)] for p in prompts],
         input_ids=torch.cat([prompt_ids, resp], dim=1), attention_mask=torch.cat([prompt_mask, mask.long()], dim=1),

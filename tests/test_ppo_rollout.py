@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rlhf_fast.rollout import IGNORE_INDEX, Rollout, RunningMoments, response_mask, token_rewards
+from rlhf_fast.rollout import IGNORE_INDEX, Rollout, RunningMoments, common_prefix, group_size, pad_after_prefix, response_mask, token_rewards
 from rlhf_fast.trainers.ppo import KLController, explained_variance
 
 
@@ -56,3 +56,26 @@ def test_explained_variance():
     ret = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     assert explained_variance(ret.clone(), ret, mask) == pytest.approx(1.0)
     assert explained_variance(torch.zeros(1, 4) + 2.0, ret, mask) == pytest.approx(0.0)
+
+
+def test_common_prefix_stops_before_the_last_prompt_token():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 3]]) == 2  # [1, 2, 3] must keep its 3 in the batch
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix([[1, 2], [3, 2]]) == 0
+    assert common_prefix([[5], [5]]) == 0
+
+
+def test_padding_goes_after_the_common_prefix():
+    ids, mask = pad_after_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 6, 7, 8]], pad_id=0, prefix=2)
+    assert ids.tolist() == [[1, 2, 0, 3, 4], [1, 2, 0, 0, 5], [1, 2, 6, 7, 8]]
+    assert mask.tolist() == [[1, 1, 0, 1, 1], [1, 1, 0, 0, 1], [1, 1, 1, 1, 1]]
+    ids0, mask0 = pad_after_prefix([[1, 2, 3, 4], [1, 2, 5]], pad_id=0, prefix=0)
+    assert ids0.tolist() == [[1, 2, 3, 4], [0, 1, 2, 5]] and mask0.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+
+
+def test_group_size_finds_runs_of_identical_prompts():
+    assert group_size([[1, 2], [1, 2], [3], [3]]) == 2
+    assert group_size([[1], [1], [1]]) == 3
+    assert group_size([[1], [2], [1], [2]]) == 1  # not consecutive
+    assert group_size([[1], [1], [2]]) == 1  # unequal runs
+    assert group_size([[1], [2]]) == 1

@@ -227,7 +227,15 @@ def test_ppo_value_loss_matches_formula(loss_agg):
         "seq-mean-token-sum": per.sum(-1)[rows].mean(),
     }[loss_agg]
     assert abs(loss.item() - expected.item()) < 1e-10
-    assert abs(stats["vf_clipfrac"].item() - ((b > a) & mask).sum().item() / mask.sum().item()) < 1e-6
+    assert abs(stats["vf_clipfrac"].item() - ((b > a) & ((v - old_v).abs() > 0.2) & mask).sum().item() / mask.sum().item()) < 1e-6
+    # inside the clip range the two terms differ by rounding only: not counted as clipped
+    # (fp32 pairs where old + (v - old) != v, with returns on the side where that makes the clipped term larger)
+    v32, old32 = torch.rand(8, 256, generator=g), torch.rand(8, 256, generator=g) * 0.1
+    off = (old32 + (v32 - old32)) - v32
+    ret32 = v32 - torch.sign(off)
+    assert ((old32 + (v32 - old32) - ret32).square() > (v32 - ret32).square()).sum() > 0  # "clipped term larger" by rounding
+    near = ops.ppo_value_loss(v32, old32, ret32, off != 0, clip_eps=0.2 + 1.0, loss_agg=loss_agg)[1]["vf_clipfrac"]
+    assert near.item() == 0.0
 
 
 # ---------------------------------------------------------------- masked reductions

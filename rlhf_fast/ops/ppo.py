@@ -323,7 +323,8 @@ def ppo_value_loss(
         values, old_values, returns: same-shape float32/float64; response_mask: bool or 0/1; loss_agg and
         loss_norm_length as in :func:`ppo_policy_loss`.
     Returns:
-        (loss 0-d, {"vf_clipfrac": fraction of valid tokens where the clipped term is the larger}).
+        (loss 0-d, {"vf_clipfrac": fraction of valid tokens where the clip is active, |V - old_V| > eps, and the clipped
+        term is the larger: where clipping changed the loss; inside the clip range the two terms differ by rounding only}).
     Raises:
         TypeError / ValueError naming the argument.
     """
@@ -335,7 +336,7 @@ def ppo_value_loss(
     clipped_err = (clipped_values - returns).square()
     loss = _aggregate(0.5 * torch.maximum(unclipped_err, clipped_err), mask, agg_weights(mask, loss_agg, values.dtype, loss_norm_length))
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask)}
+        stats = {"vf_clipfrac": masked_mean((((values - old_values).abs() > eps) & (clipped_err > unclipped_err)).to(values.dtype), mask)}
     return loss, stats
 
 

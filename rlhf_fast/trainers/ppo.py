@@ -89,6 +89,7 @@ class RLTrainer(Loop):
         seed_everything(cfg.seed)
         self.backend = get_backend(cfg.kernels)
         self.bf16 = bf16_enabled(cfg.model.bf16, self.device)
+        self.keep_hidden = cfg.generation.keep_hidden == "true" or (cfg.generation.keep_hidden == "auto" and not self.bf16)
 
         # Models: policy, reference (a frozen copy, or the LoRA policy with adapters off), critic, rewards.
         path = resolve_model_path(cfg.model.policy, "model.policy")
@@ -103,20 +104,21 @@ class RLTrainer(Loop):
         policy = load_causal_lm(path, attn, self.device)
         disable_dropout(policy)
         self.data = load_prompts(cfg.data, self.tokenizer, cfg.generation.max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
-        self.critic = None  # only GAE reads values: no value head, no critic memory for the other estimators
-        if cfg.needs_critic:
-            self.critic = build_critic(policy, cfg.critic, self.tokenizer, self.reward_fn.reward_model_path, self.device)
-            disable_dropout(self.critic)
         # The reference: the LoRA policy with its adapters off; or, when only the top layers train and the bottom can
         # be shared, a frozen copy of the top layers run from the policy's bottom output; else a frozen copy of it all.
         self.ref, self.split, n_top = None, None, cfg.model.trainable_layers
-        if cfg.model.lora.enabled:
-            policy = add_lora(policy, cfg.model.lora)
-        elif n_top and cfg.model.share_frozen_trunk and TrunkSplit.supported(policy) and not compile_enabled(cfg.model.compile, self.device):
+        if (not cfg.model.lora.enabled and n_top and cfg.model.share_frozen_trunk and TrunkSplit.supported(policy)
+                and not compile_enabled(cfg.model.compile, self.device)):
             train_top_layers(policy, n_top)
             self.split = TrunkSplit(backbone(policy), n_top)
             self.ref_top = self.split.frozen_top_copy()
-        else:
+        self.critic = None  # only GAE reads values: no value head, no critic memory for the other estimators
+        if cfg.needs_critic:  # before LoRA wraps the policy: a critic copy takes plain weights
+            self.critic = build_critic(policy, cfg.critic, self.tokenizer, self.reward_fn.reward_model_path, self.device, self.split)
+            disable_dropout(self.critic)
+        if cfg.model.lora.enabled:
+            policy = add_lora(policy, cfg.model.lora)
+        elif self.split is None:
             self.ref = frozen_copy(policy)
             if n_top:
                 train_top_layers(policy, n_top)
@@ -141,7 +143,7 @@ class RLTrainer(Loop):
         if cfg.algorithm.policy_update == "trpo" and head.weight.requires_grad and not any(head.weight is q for q in self.policy_params):
             raise UserError("algorithm.policy_update=trpo: the LM-head weight is computed from trainable parameters (LoRA on "
                             "lm_head), which TRPO's Fisher-vector products do not see; leave lm_head out of model.lora.target_modules")
-        if cfg.algorithm.policy_update == "trpo" and self.critic is not None and self.critic.body is None:
+        if cfg.algorithm.policy_update == "trpo" and self.critic is not None and self.critic.body is None and self.critic.top_layers is None:
             raise UserError("algorithm.policy_update=trpo steps the policy alone: a critic on the policy's backbone would move it "
                             "too; set critic.share_backbone=false")
         groups = [{"params": self.policy_params, "lr": p.lr}]
@@ -204,6 +206,16 @@ class RLTrainer(Loop):
         h = h[:, ro.prompt_len - 1: -1]
         return h.to(torch.bfloat16) if self.bf16 else h.float()
 
+    def kept_trunk(self, prompts: list):
+        """The module whose output sampling keeps as the rollout's ``trunk_hidden`` (``rollout.generate``): the shared
+        frozen bottom's last layer; None without a shared trunk, with ``generation.keep_hidden`` off, or when it would
+        exceed ``model.trunk_cache_mb``. Policy and reference tops both run from it, so they see the same input."""
+        if not self.keep_hidden or self.split is None:
+            return None
+        columns = max(len(p.ids) for p in prompts) + self.cfg.generation.max_new_tokens
+        size = len(prompts) * columns * unwrap(self.policy).config.hidden_size * 4
+        return self.split.boundary() if size <= self.cfg.model.trunk_cache_mb * 2**20 else None
+
     def bottom(self, ro: Rollout) -> Tensor:
         """The frozen bottom's output for ``ro``, computed once and kept on it (``ro.trunk_hidden``)."""
         if ro.trunk_hidden is None:
@@ -226,10 +238,15 @@ class RLTrainer(Loop):
                 return self.response_hidden(self.policy_body, ro)
         return self.response_hidden(self.ref_body, ro)
 
-    def values(self, policy_hidden: Tensor, ro: Rollout) -> Tensor | None:
+    def values(self, policy_hidden: Tensor | None, ro: Rollout) -> Tensor | None:
         if self.critic is None:
             return None
-        h = policy_hidden if self.critic_body is None else self.response_hidden(self.critic_body, ro)
+        if self.critic.top_layers is not None:  # the critic's own top layers, from the shared trunk
+            with self.autocast():
+                h = self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask, self.critic.top_layers,
+                                                            self.critic.top_norm), ro)
+        else:
+            h = policy_hidden if self.critic_body is None else self.response_hidden(self.critic_body, ro)
         with self.fp32():
             return self.critic.values(h)
 
@@ -433,7 +450,7 @@ class RLTrainer(Loop):
     def value_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         p = self.cfg.ppo
         with torch.no_grad():
-            h = self.policy_hidden(mb) if self.critic_body is None else None
+            h = self.policy_hidden(mb) if self.critic.body is None and self.critic.top_layers is None else None
         loss, stats = ops.ppo_value_loss(self.values(h, mb), mb.values, mb.returns, mb.response_mask, clip_eps=p.vf_clip_eps,
                                          loss_agg=p.loss_agg)
         return loss, {"loss/value": loss.detach(), "value/clipfrac": stats["vf_clipfrac"]}
@@ -487,8 +504,9 @@ class RLTrainer(Loop):
         cfg, n = self.cfg, self.cfg.generation.n
         t0 = time.perf_counter()
         batch = [self.data.train[i] for i in self.sampler.next_batch()]
-        ro = generate(self.policy, self.tokenizer, [q for q in batch for _ in range(n)], cfg.generation, self.eos_ids, self.device,
-                      self.autocast)
+        prompts = [q for q in batch for _ in range(n)]
+        ro = generate(self.policy, self.tokenizer, prompts, cfg.generation, self.eos_ids, self.device, self.autocast, keep_trunk=self.kept_trunk(prompts),
+                      share_prefix=cfg.generation.share_prefix)
         ro.group_ids = torch.arange(len(batch), device=self.device).repeat_interleave(n)
         t_gen = time.perf_counter()
         self.score(ro)
@@ -558,8 +576,9 @@ class RLTrainer(Loop):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(ecfg.seed)
             for s in range(0, len(prompts), ecfg.batch_size):
-                ro = generate(self.policy, self.tokenizer, prompts[s:s + ecfg.batch_size], cfg.generation, self.eos_ids, self.device,
-                              self.autocast, temperature=temp)
+                chunk = prompts[s:s + ecfg.batch_size]
+                ro = generate(self.policy, self.tokenizer, chunk, cfg.generation, self.eos_ids, self.device, self.autocast,
+                              temperature=temp, keep_trunk=self.kept_trunk(chunk), share_prefix=cfg.generation.share_prefix)
                 raw, _ = self.reward_fn(ro.prompts, ro.responses, ro.messages)
                 rewards.append(raw)
                 for idx in _chunks(torch.arange(len(ro)), cfg.ppo.micro_batch_size):
