@@ -244,6 +244,9 @@ def main(argv=None) -> int:
         "benchmark": "one PPO iteration (RLTrainer.run_unit): generation, scoring, update",
         "shape": shape, "device": device, "torch": torch.__version__, "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None, "cpu_count": os.cpu_count(),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip(),
+        "dirty": bool(subprocess.run(["git", "status", "--porcelain", "--", "rlhf_fast", "benchmarks/bench_ppo_step.py"], cwd=HERE,
+                                     capture_output=True, text=True).stdout.strip()),
         "settings": {k: v for k, v in vars(args).items() if k not in ("variant", "workdir", "out")},
         "results": results,
     }

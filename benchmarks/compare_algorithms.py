@@ -1,6 +1,7 @@
 """Every RL algorithm on the demo task, one after another, and the README's table and plot from their runs.
 
     python benchmarks/compare_algorithms.py run [ppo grpo ...]   # configs/<name>_smollm2_sentiment.yaml -> runs/compare/<name>
+    python benchmarks/compare_algorithms.py run --nproc 2 ppo    # the same under torchrun, 2 ranks (FSDP2, gloo on CPU)
     python benchmarks/compare_algorithms.py report               # table (stdout) + algorithms.png from the committed results
 
 ``run`` times each whole command (model load and evaluations included), notes ``uptime``'s load before and after
@@ -39,24 +40,30 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(names: list[str]) -> None:
+def run(names: list[str], nproc: int = 1) -> None:
+    """``nproc`` > 1: launched by torchrun, one rank per process on this machine (results in <name>_..._torchrun<N>/)."""
     exe = Path(sys.executable).with_name("rlhf-fast")
     for name in names:
-        out = ROOT / "runs" / "compare" / name
+        tag = f"{name}_smollm2_sentiment" + (f"_torchrun{nproc}" if nproc > 1 else "")
+        out = ROOT / "runs" / "compare" / tag
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [str(exe), "rl", "--config", f"configs/{name}_smollm2_sentiment.yaml", f"--output_dir={out}",
-               "--progress_bar=false", "--save_final_model=false"]
+        launch = [str(exe)] if nproc == 1 else [str(exe.with_name("torchrun")), f"--nproc_per_node={nproc}", "-m", "rlhf_fast.cli"]
+        # under torchrun: one intra-op thread per rank, and a rank's share of a minibatch as its micro-batch
+        extra = [] if nproc == 1 else ["--threads=1", f"--ppo.micro_batch_size={_minibatch(name) // nproc}"]
+        cmd = launch + ["rl", "--config", f"configs/{name}_smollm2_sentiment.yaml", f"--output_dir={out}",
+                        "--progress_bar=false", "--save_final_model=false"] + extra
         load_before, t0 = _load(), time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True)
         wall, load_after = time.perf_counter() - t0, _load()
         rows = _metrics(out / "metrics.jsonl")
         evals = [r for r in rows if "eval/reward" in r]
-        dest = RESULTS / f"{name}_smollm2_sentiment"
+        dest = RESULTS / tag
         dest.mkdir(parents=True, exist_ok=True)
         for f in ("config.yaml", "metrics.jsonl"):
             shutil.copy(out / f, dest / f)
         summary = {
-            "command": " ".join(["rlhf-fast"] + cmd[1:]).replace(str(ROOT) + "/", ""),
+            "command": " ".join([Path(cmd[0]).name] + cmd[1:]).replace(str(ROOT) + "/", ""),
+            "world_size": nproc,
             "wall_clock_s": round(wall, 1),
             "wall_clock_includes": f"model load, evaluations (66 prompts each) at iterations {[r['iteration'] for r in evals]}, "
                                    "the iterations, checkpoints",
@@ -71,6 +78,12 @@ def run(names: list[str]) -> None:
         print(f"{name}: {wall / 60:.1f} min, eval reward {evals[0]['eval/reward']:.3f} -> {evals[-1]['eval/reward']:.3f}", flush=True)
 
 
+def _minibatch(name: str) -> int:
+    from rlhf_fast.config import load_config
+
+    return load_config(ROOT / "configs" / f"{name}_smollm2_sentiment.yaml", []).ppo.minibatch_size
+
+
 def report(png: Path) -> None:
     import matplotlib
 
@@ -81,7 +94,7 @@ def report(png: Path) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, label in ALGORITHMS.items():
-        dest = RESULTS / f"{name}_smollm2_sentiment"
+        dest = RESULTS / tag
         if not (dest / "summary.json").is_file():
             continue
         s = json.loads((dest / "summary.json").read_text())
@@ -115,11 +128,12 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("names", nargs="*", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    r.add_argument("--nproc", type=int, default=1, help="ranks under torchrun (data-parallel, FSDP2) on this machine")
     sub.add_parser("report")
     args = p.parse_args()
     os.chdir(ROOT)
     if args.cmd == "run":
-        run(args.names)
+        run(args.names, args.nproc)
     else:
         report(RESULTS / "algorithms_smollm2_sentiment.png")
 

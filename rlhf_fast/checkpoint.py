@@ -1,9 +1,11 @@
 """Checkpoints that resume exactly, written atomically, and a SIGINT/SIGTERM handler that asks for one.
 
-``RUN_DIR/checkpoints/iter-000012/`` holds ``weights.safetensors`` (the trainable tensors, by name),
-``optimizer.pt`` (optimizer + LR scheduler state), ``rng.pt`` / ``rng.json`` (torch CPU/CUDA generator states; Python's and
-NumPy's) and ``state.json`` (iteration, KL coefficient, sampler position, counters). It is written under a
-temporary name and renamed into place, so a crash mid-write never leaves a half checkpoint that looks whole.
+``RUN_DIR/checkpoints/iter-000012/`` holds ``sharded/`` (the trainable tensors and the optimizer state, keyed by
+parameter name, written by ``torch.distributed.checkpoint``: each rank its own shards under FSDP2, so a run resumes at
+another world size with weights and optimizer state resharded), ``scheduler.pt`` (the LR schedule), ``rng-<rank>.pt`` /
+``rng-<rank>.json`` (torch CPU/CUDA generator states; Python's and NumPy's, per rank) and ``state.json`` (iteration, KL
+coefficient, sampler position, counters). It is written under a temporary name and renamed into place, so a crash
+mid-write never leaves a half checkpoint that looks whole.
 """
 from __future__ import annotations
 
@@ -17,21 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from .distributed import World
 from .errors import UserError
 
 CKPT_DIR = "checkpoints"
-
-
-def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """``{"<role>.<param name>": tensor}`` of the parameters that train (tied weights appear once)."""
-    out = {}
-    for role, module in modules.items():
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                out[f"{role}.{name}"] = p.detach().contiguous().cpu()
-    return out
 
 
 def rng_state() -> dict:
@@ -57,26 +49,54 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _dcp_state(modules: dict[str, torch.nn.Module], optimizer) -> tuple[dict, torch.nn.Module]:
+    """({"model": trainable tensors by "<role>.<name>", "optimizer": its state keyed the same way}, the ModuleDict they
+    index): FSDP2 shards as DTensors, plain tensors in one process (``torch.distributed.checkpoint.state_dict``). An
+    optimizer that has not stepped yet has no state and is left out: reading it would make torch initialise it with a
+    zero step, which AdamW would count."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    root = torch.nn.ModuleDict(modules)  # a view: the roles' modules, not copies
+    trainable = {n for n, p in root.named_parameters() if p.requires_grad}  # tied weights appear once
+    state = {"model": {k: v for k, v in get_model_state_dict(root).items() if k in trainable}}
+    if optimizer.state:
+        state["optimizer"] = get_optimizer_state_dict(root, optimizer)
+    return state, root
+
+
 def save_checkpoint(run_dir: str | Path, iteration: int, modules: dict[str, torch.nn.Module], optimizer, scheduler,
-                    state: dict, rng: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint ``iteration`` atomically; keep the newest ``keep``. Returns its folder."""
+                    state: dict, rng: dict | None = None, keep: int = 2, world: World = World()) -> Path:
+    """Write checkpoint ``iteration`` atomically (every rank calls it); keep the newest ``keep``. Returns its folder."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
     root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter-{iteration:06d}"
-    tmp = root / f".tmp-iter-{iteration:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(modules), tmp / "weights.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    tmp = root / f".tmp-iter-{iteration:06d}"
+    if world.main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if world.active:
+        dist.barrier()
+    dcp_state, _ = _dcp_state(modules, optimizer)
+    dcp.save(dcp_state, checkpoint_id=tmp / "sharded")
     rng = rng if rng is not None else rng_state()
-    torch.save({k: v for k, v in rng.items() if k in ("torch", "cuda")}, tmp / "rng.pt")
-    (tmp / "rng.json").write_text(json.dumps({k: rng[k] for k in ("python", "numpy")}))
-    (tmp / "state.json").write_text(json.dumps(dict(state, iteration=iteration), indent=1))
-    if final.exists():  # re-saving the same iteration (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("iter-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    torch.save({k: v for k, v in rng.items() if k in ("torch", "cuda")}, tmp / f"rng-{world.rank}.pt")
+    (tmp / f"rng-{world.rank}.json").write_text(json.dumps({k: rng[k] for k in ("python", "numpy")}))
+    if world.active:
+        dist.barrier()
+    if world.main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(dict(state, iteration=iteration, world_size=world.size,
+                                                         optimizer_stepped="optimizer" in dcp_state), indent=1))
+        if final.exists():  # re-saving the same iteration (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("iter-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if world.active:
+        dist.barrier()
     return final
 
 
@@ -88,37 +108,46 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     return found[-1]
 
 
-def resume_latest(run_dir: str | Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> tuple[dict, Path]:
+def resume_latest(run_dir: str | Path, modules: dict[str, torch.nn.Module], optimizer, scheduler,
+                  world: World = World()) -> tuple[dict, Path]:
     """Load ``run_dir``'s latest checkpoint in place and restore the RNG states it saved.
 
     Returns (its state.json dict, for the trainer's own counters; its path). Raises UserError if there is none.
     """
     path = latest_checkpoint(run_dir)
-    state, rng = load_checkpoint(path, modules, optimizer, scheduler)
+    state, rng = load_checkpoint(path, modules, optimizer, scheduler, world)
     set_rng_state(rng)
     return state, path
 
 
-def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> tuple[dict, dict]:
-    """Load weights and optimizer state in place; returns (state.json dict, rng state) for the caller to apply."""
+def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], optimizer, scheduler,
+                    world: World = World()) -> tuple[dict, dict]:
+    """Load weights and optimizer state in place (resharded when the world size changed); returns (state.json dict,
+    this rank's RNG state: its own, or rank 0's when the saving run had fewer ranks) for the caller to apply."""
     path = Path(path)
-    tensors = load_file(path / "weights.safetensors")
-    expected = trainable_state(modules)
-    if set(tensors) != set(expected):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise UserError(f"checkpoint {str(path)!r} does not match this configuration "
-                        f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the run's own config.yaml")
-    params = {f"{role}.{n}": p for role, m in modules.items() for n, p in m.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if params[name].shape != t.shape:
-                raise UserError(f"checkpoint {str(path)!r}: {name} has shape {tuple(t.shape)}, the model {tuple(params[name].shape)}")
-            params[name].copy_(t)
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True) | json.loads((path / "rng.json").read_text())
-    return json.loads((path / "state.json").read_text()), rng
+    if not (path / "sharded").is_dir():
+        raise UserError(f"checkpoint {str(path)!r} has no sharded/ folder: it was written by an earlier version of rlhf_fast "
+                        "(weights.safetensors), which this one does not resume")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    saved = json.loads((path / "state.json").read_text())
+    state, root = _dcp_state(modules, optimizer)
+    if saved.get("optimizer_stepped", True):
+        state["optimizer"] = get_optimizer_state_dict(root, optimizer)  # the shapes to load into
+    try:
+        dcp.load(state, checkpoint_id=path / "sharded")
+    except Exception as e:  # a key or shape the checkpoint lacks: another configuration's run
+        raise UserError(f"checkpoint {str(path)!r} does not match this configuration ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}); resume with the run's own config.yaml") from None
+    set_model_state_dict(root, state["model"], options=StateDictOptions(strict=False))
+    if "optimizer" in state:
+        set_optimizer_state_dict(root, optimizer, state["optimizer"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    rank = world.rank if (path / f"rng-{world.rank}.pt").is_file() else 0
+    rng = torch.load(path / f"rng-{rank}.pt", map_location="cpu", weights_only=True) | json.loads((path / f"rng-{rank}.json").read_text())
+    return saved, rng
 
 
 class StopRequest:

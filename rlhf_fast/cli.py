@@ -82,13 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> str:
+    """"rank R of N: " under torchrun (every rank reports its own error), else nothing."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '?')} of {size}: " if size > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
         return COMMANDS[args.command].run(args, extra)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_rank()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: stop without a checkpoint
         print("interrupted", file=sys.stderr)

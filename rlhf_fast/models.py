@@ -356,8 +356,8 @@ class Critic(nn.Module):
             nn.init.zeros_(head.bias)
         self.head = head
 
-    def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] hidden states -> [...] float32 values."""
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] hidden states -> [...] float32 values (a forward, so that an FSDP2-sharded head is gathered)."""
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
 
 

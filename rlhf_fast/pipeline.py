@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,8 @@ def _z(x: float, mean: float, std: float) -> float:
 class Pipeline:
     def __init__(self, config: PipelineConfig, resume: str | Path | None = None):
         self.cfg = cfg = config.validate()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("rlhf-fast pipeline under torchrun is not supported yet: launch its stages (sft, rm, ppo) one by one")
         if resume is not None and Path(resume).resolve() != Path(cfg.output_dir).resolve():
             raise UserError(f"--resume {resume!r}: the run's config has output_dir {cfg.output_dir!r}")
         self.resume = resume is not None

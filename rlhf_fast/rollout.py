@@ -116,13 +116,14 @@ def recording(module: nn.Module | None):
 @torch.no_grad()
 def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[int], device: torch.device,
              autocast, temperature: float | None = None, greedy: bool = False, keep_trunk: nn.Module | None = None,
-             share_prefix: bool = True) -> Rollout:
+             share_prefix: bool = True, synced: bool = False) -> Rollout:
     """Sample one response per prompt with transformers' ``generate`` (KV cache, stops once all rows hit EOS);
     ``greedy``: the argmax response instead (ReMax's baseline).
 
     ``share_prefix``: prompt tokens that several rows share run once and their KV cache is repeated: with runs of g
     identical prompts (``group_size``, GRPO's samples), each prompt once; else the common prefix (``common_prefix``,
     a chat template's system prompt) once. The distribution sampled is the same, up to float rounding.
+    ``synced``: every rank of a sharded (FSDP2) policy keeps running forwards until all ranks are done.
 
     ``keep_trunk``: a module inside the policy (the last layer of its frozen bottom, ``models.TrunkSplit.boundary``)
     whose outputs, which sampling computes anyway, become ``trunk_hidden`` [B, P + T, H], so scoring need not run the
@@ -159,7 +160,7 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
             cache[name] = head[name]
             if seen:
                 seen[0] = seen[0].repeat_interleave(repeat, dim=0)
-        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **cache)
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced, **cache)
     policy.train(was_training)
     P = prompt_ids.shape[1]
     resp = out[:, P:]

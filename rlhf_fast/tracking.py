@@ -71,3 +71,16 @@ class Tracker:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class NullTracker:
+    """What ranks other than 0 log to: nothing (rank 0 writes metrics, samples and TensorBoard for the job)."""
+
+    def log(self, iteration: int, metrics: dict) -> None:
+        pass
+
+    def log_samples(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

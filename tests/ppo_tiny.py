@@ -63,6 +63,28 @@ def make_tiny_models(root: Path) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
+WORDS = "good bad happy sad door window cat dog sun rain tea bike park".split()
+
+
+def make_stage_data(root: Path) -> dict[str, str]:
+    """SFT rows (prompt/response, one multi-turn chat) and DPO preference pairs as JSONL files under ``root``."""
+    import random
+
+    rng = random.Random(0)
+    sft = [{"prompt": f"Say something about the {rng.choice(WORDS)}.", "response": " ".join(rng.choices(WORDS, k=rng.randint(2, 9)))}
+           for _ in range(30)]
+    sft.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+                             {"role": "user", "content": "and the cat?"}, {"role": "assistant", "content": "the cat is happy"}]})
+    pairs = []
+    for i in range(24):
+        short = " ".join(rng.choices(WORDS, k=2))
+        pairs.append({"prompt": f"Tell me about the {rng.choice(WORDS)} {i}.", "chosen": short + " good happy sun",
+                      "rejected": short + " sad rain"})
+    for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"sft": str(root / "sft.jsonl"), "pairs": str(root / "pairs.jsonl")}
+
+
 def tiny_config(policy: str, out_dir: Path, **overrides):
     """A config for seconds-long runs on the tiny policy; ``overrides`` use "section.key" names."""
     base = {

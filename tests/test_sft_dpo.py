@@ -4,20 +4,17 @@ log-probs (equal to the full-logits loss), packing that changes nothing but the 
 import json
 import math
 import os
-import random
 import signal
 
 import pytest
 import torch
-from ppo_tiny import make_tiny_models
+from ppo_tiny import make_stage_data, make_tiny_models
 
 from rlhf_fast.ops import reference
 from rlhf_fast.tracking import read_metrics
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, dpo_loss
 from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
 from rlhf_fast.trainers.stage import IGNORE_INDEX, encode_conversation, load_stage_config
-
-WORDS = "good bad happy sad door window cat dog sun rain tea bike park".split()
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +24,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    sft = [{"prompt": f"Say something about the {rng.choice(WORDS)}.", "response": " ".join(rng.choices(WORDS, k=rng.randint(2, 9)))}
-           for _ in range(30)]
-    sft.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
-                             {"role": "user", "content": "and the cat?"}, {"role": "assistant", "content": "the cat is happy"}]})
-    pairs = []
-    for i in range(24):
-        short = " ".join(rng.choices(WORDS, k=2))
-        pairs.append({"prompt": f"Tell me about the {rng.choice(WORDS)} {i}.", "chosen": short + " good happy sun",
-                      "rejected": short + " sad rain"})
-    for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"sft": str(root / "sft.jsonl"), "pairs": str(root / "pairs.jsonl")}
+    return make_stage_data(tmp_path_factory.mktemp("data"))
 
 
 def base(tiny, out, **over):

@@ -63,14 +63,17 @@ def paths(tmp_path_factory):
 
 
 def own_log_softmax(model, input_ids, attention_mask, start: int, temperature: float = 1.0):
-    """float64 log_softmax of the model's own logits / temperature at positions start.. -1 (those predicting the next
-    token); each row run alone without its left padding (positions from 0, as in an unpadded forward)."""
+    """float64 log_softmax of the model's own logits / temperature at columns start.. -1 (those predicting the next
+    token); each row run alone on its attended tokens only (no padding, wherever the rollout put it: positions from 0,
+    as in an unpadded forward). Columns that are not attended get zero logits (never compared)."""
     rows = []
     for ids, mask in zip(input_ids, attention_mask):
-        k = int(mask.argmax())  # the first attended token
-        assert k <= start
+        keep = mask.bool()
         with torch.no_grad():
-            rows.append(model(input_ids=ids[None, k:], attention_mask=mask[None, k:]).logits[0, start - k:-1])
+            logits = model(input_ids=ids[keep][None]).logits[0]
+        full = logits.new_zeros(len(ids), logits.shape[-1])
+        full[keep] = logits
+        rows.append(full[start:-1])
     return (torch.stack(rows).double() / temperature).log_softmax(-1)
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import distributed
 from ..config import ModelConfig, RunConfig
 from ..errors import UserError
 from ..integrations.hf import lm_head_params
@@ -193,8 +194,9 @@ class DPOTrainer(StageTrainer):
                 parts.append(torch.stack([c, r], dim=-1).cpu())
             cache[split] = torch.cat(parts) if parts else torch.zeros(0, 2)
         del ref
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(cache, path)
+        if self.world.main:  # every rank computed the same (before sharding); one writes the cache
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(cache, path)
         self._fill(cache)
 
     def _cache_key(self) -> str:
@@ -236,14 +238,15 @@ class DPOTrainer(StageTrainer):
         self.set_train(False)
         bs, sums = self.cfg.train.eval_batch_size, {}
         for s in range(0, len(self.eval_set), bs):
-            chunk = self.eval_set[s:s + bs]
-            _, stats = self._loss(chunk)
+            chunk = self.eval_set[s:s + bs]  # every rank the whole set: FSDP's forwards are collective
+            _, stats = distributed.in_root(self.model, self._loss, chunk)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
         return {f"eval/{k}": v / len(self.eval_set) for k, v in sums.items()}
 
     def save_final_model(self):
         out = self.run_dir / "final"
-        (self.model if self.cfg.model.lora.enabled else unwrap(self.model)).save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
+        distributed.save_pretrained(self.model if self.cfg.model.lora.enabled else unwrap(self.model), out, self.world)
+        if self.world.main:
+            self.tokenizer.save_pretrained(out)
         return out

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import StopRequest, resume_latest, rng_state, save_checkpoint, set_rng_state
+from ..distributed import World
 from ..errors import UserError
-from ..tracking import Tracker
+from ..tracking import NullTracker, Tracker
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -51,6 +52,7 @@ class Loop:
     name = "train"  # progress-bar label and message prefix
     unit = "iteration"  # the key of the unit counter in train()'s result
     callbacks: list = []
+    world = World()  # a torchrun launch: set by the subclass (``distributed.setup``) before anything is built
 
     def start(self, total: int, eval_every: int, resume: str | Path | None) -> None:
         """Counters, the latest checkpoint when resuming (weights, optimizer, RNG, counters), then the tracker."""
@@ -58,14 +60,15 @@ class Loop:
         self.iteration, self.global_step, self.skipped_steps, self.evaluated_initial = 0, 0, 0, False
         resumed = None
         if resume is not None:
-            state, ckpt = resume_latest(self.run_dir, self.checkpoint_modules(), self.optimizer, self.scheduler)
+            state, ckpt = resume_latest(self.run_dir, self.checkpoint_modules(), self.optimizer, self.scheduler, self.world)
             self.iteration, self.skipped_steps = int(state["iteration"]), int(state["skipped_steps"])
             self.global_step, self.evaluated_initial = int(state.get("global_step", 0)), bool(state["evaluated_initial"])
             self.sampler.load_state_dict(state["sampler"])
             self.load_extra_state(state)
             resumed = self.iteration
-            print(f"resumed from {ckpt} ({self.unit} {self.iteration})", flush=True)
-        self.tracker = Tracker(self.run_dir, resumed, config=self.cfg)
+            if self.world.main:
+                print(f"resumed from {ckpt} ({self.unit} {self.iteration})", flush=True)
+        self.tracker = Tracker(self.run_dir, resumed, config=self.cfg) if self.world.main else NullTracker()
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -101,20 +104,24 @@ class Loop:
         """One optimizer step on sum_i w_i loss_i over ``(w_i, closure_i)`` (gradient accumulation), grad-norm clipped.
 
         A non-finite loss or gradient norm skips the step (counted in ``skipped_steps``): never a step on NaN/inf.
+        Across ranks the step is skipped everywhere when any rank's loss is not finite (all ranks take the same path).
         Returns (weighted sums of the micro-batches' stats, the weight they carry, the grad norm or NaN).
         """
         self.optimizer.zero_grad(set_to_none=True)
         sums, total_w, finite = {}, 0.0, True
         for w, closure in micro_batches:
             loss, stats = closure()
-            if not bool(torch.isfinite(loss)):
+            if not self.world.all(bool(torch.isfinite(loss))):
                 finite = False
                 break
             (loss * w).backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + w * float(v)
             total_w += w
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if finite else math.nan
+        grad_norm = math.nan
+        if finite:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
         if math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
@@ -134,14 +141,14 @@ class Loop:
         from tqdm.auto import tqdm
 
         cfg, last = self.cfg, {}
-        with StopRequest() as stop, tqdm(total=self.total, initial=self.iteration, desc=self.name, disable=not cfg.progress_bar,
-                                         dynamic_ncols=True) as bar:
+        with StopRequest() as stop, tqdm(total=self.total, initial=self.iteration, desc=self.name,
+                                         disable=not (cfg.progress_bar and self.world.main), dynamic_ncols=True) as bar:
             if not self.evaluated_initial:
                 initial = self.initial_metrics()
                 if initial:
                     self.tracker.log(0, initial)
                 self.evaluated_initial = True
-            while self.iteration < self.total and not stop.requested:
+            while self.iteration < self.total and self.world.all(not stop.requested):  # a signal on any rank stops all
                 snapshot = (rng_state(), self.sampler.state_dict())
                 metrics = self.run_unit(stop)
                 if metrics is None:  # stopped before any weight changed: undo the unit, so a resume redoes it
@@ -163,9 +170,12 @@ class Loop:
             status = "completed" if self.iteration >= self.total else "interrupted"
             if status == "interrupted":
                 path = self.save()
-                bar.write(f"stopped by {stop.requested}; checkpoint at {path} (resume with --resume {self.run_dir})")
+                if self.world.main:
+                    bar.write(f"stopped by {stop.requested or 'a signal'}; checkpoint at {path} (resume with --resume {self.run_dir})")
         if status == "completed" and cfg.save_final_model:
-            print(f"{self.name}: final model in {self.save_final_model()}", flush=True)
+            path = self.save_final_model()  # every rank: under FSDP2 the full weights are gathered for rank 0 to write
+            if self.world.main:
+                print(f"{self.name}: final model in {path}", flush=True)
         self.tracker.close()
         return dict(last, status=status, **{self.unit: self.iteration})
 
@@ -173,4 +183,4 @@ class Loop:
         state = {"global_step": self.global_step, "skipped_steps": self.skipped_steps, "evaluated_initial": self.evaluated_initial,
                  "sampler": self.sampler.state_dict()} | self.extra_state()
         return save_checkpoint(self.run_dir, self.iteration, self.checkpoint_modules(), self.optimizer, self.scheduler, state,
-                               keep=self.cfg.keep_checkpoints)
+                               keep=self.cfg.keep_checkpoints, world=self.world)

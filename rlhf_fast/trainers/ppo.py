@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import distributed, ops
 from ..checkpoint import StopRequest
 from ..config import Config, load_config, resume_config_path
 from ..data import PromptSampler, load_prompts
@@ -42,6 +42,22 @@ from ..rollout import Rollout, RunningMoments, generate, token_rewards
 from ..trust_region import make_fvp, trpo_step
 from .backend import get_backend
 from .loop import Loop, build_optimizer, resolve_device, seed_everything
+
+
+def check_distributed(cfg: Config, world) -> None:
+    """What a torchrun launch supports so far; raises UserError naming the key otherwise."""
+    p, a, ws = cfg.ppo, cfg.algorithm, world.size
+    if p.batch_size % ws or p.minibatch_size % ws or (p.minibatch_size // ws) % p.micro_batch_size:
+        raise UserError(f"ppo.batch_size ({p.batch_size}) and ppo.minibatch_size ({p.minibatch_size}) must split evenly over "
+                        f"{ws} ranks, and a rank's share of a minibatch into ppo.micro_batch_size ({p.micro_batch_size})")
+    unsupported = [(a.adv_estimator not in ("gae", "grpo", "rloo"), f"algorithm.adv_estimator={a.adv_estimator}"),
+                   (a.policy_update != "ppo", f"algorithm.policy_update={a.policy_update}"),
+                   (a.dynamic_sampling, "algorithm.dynamic_sampling=true"),
+                   (cfg.needs_critic and not cfg.critic.share_backbone, "critic.share_backbone=false")]
+    for bad, what in unsupported:
+        if bad:
+            raise UserError(f"{what} is not supported under torchrun yet (gae, grpo and rloo with PPO updates and a value "
+                            "head on the policy are)")
 
 
 class KLController:
@@ -83,10 +99,12 @@ class RLTrainer(Loop):
         self.cfg = cfg = config.validate()
         self.callbacks = list(callbacks)
         self.run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
-        self.device = resolve_device(cfg.device)
+        self.world, self.device = distributed.setup(resolve_device(cfg.device), cfg.dist_timeout_s)
+        if self.world.active:
+            check_distributed(cfg, self.world)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # every rank builds the same models
         self.backend = get_backend(cfg.kernels)
         self.bf16 = bf16_enabled(cfg.model.bf16, self.device)
         self.keep_hidden = cfg.generation.keep_hidden == "true" or (cfg.generation.keep_hidden == "auto" and not self.bf16)
@@ -130,6 +148,11 @@ class RLTrainer(Loop):
             raise UserError(f"algorithm.policy_update=trpo: model.policy caps its logits (softcap={head.softcap}), which "
                             "TRPO's Fisher-vector products (ops.linear_fisher_product) do not model; use policy_update=ppo")
         self.eos_ids = eos_ids(self.tokenizer, policy)
+        if self.world.active:  # FSDP2: decoder layers, then the policy's root; the value head its own root
+            distributed.shard(policy, backbone(unwrap(policy)).layers, bf16_params=self.bf16, cpu_offload=cfg.fsdp_cpu_offload)
+            if self.critic is not None:
+                distributed.shard(self.critic, [], bf16_params=self.bf16, cpu_offload=cfg.fsdp_cpu_offload)
+            seed_everything(cfg.seed + 1000003 * self.world.rank)  # then each rank samples its own responses
         flag = cfg.model.compile
         self.policy_body = maybe_compile(backbone(policy), flag, self.device)
         self.ref_body = maybe_compile(backbone(self.ref), flag, self.device) if self.ref is not None else self.policy_body
@@ -206,6 +229,11 @@ class RLTrainer(Loop):
         h = h[:, ro.prompt_len - 1: -1]
         return h.to(torch.bfloat16) if self.bf16 else h.float()
 
+    def sampling(self) -> dict:
+        """``rollout.generate``'s options: under torchrun every rank runs the same number of forwards (transformers'
+        ``synced_gpus``) and no shared-prefix forward, whose presence depends on the rank's prompts."""
+        return dict(share_prefix=self.cfg.generation.share_prefix and not self.world.active, synced=self.world.active)
+
     def kept_trunk(self, prompts: list):
         """The module whose output sampling keeps as the rollout's ``trunk_hidden`` (``rollout.generate``): the shared
         frozen bottom's last layer; None without a shared trunk, with ``generation.keep_hidden`` off, or when it would
@@ -248,7 +276,7 @@ class RLTrainer(Loop):
         else:
             h = policy_hidden if self.critic_body is None else self.response_hidden(self.critic_body, ro)
         with self.fp32():
-            return self.critic.values(h)
+            return self.critic(h)
 
     # ------------------------------------------------------------------------------------------ scoring
 
@@ -261,13 +289,10 @@ class RLTrainer(Loop):
         parts = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "trunk_hidden")}
         keep_bottom = self.split is not None and (ro.input_ids.numel() * unwrap(self.policy).config.hidden_size * 4
                                                   <= cfg.model.trunk_cache_mb * 2**20)
-        for idx in _chunks(torch.arange(len(ro)), cfg.ppo.micro_batch_size):
-            mb = ro.select(idx)
-            labels, mask = mb.labels, mb.response_mask
-            h = self.policy_hidden(mb)
-            rh = self.ref_hidden(mb)
-            if keep_bottom:  # for the update epochs, which then run the top layers only
-                parts["trunk_hidden"].append(mb.trunk_hidden)
+
+        def micro(mb: Rollout) -> tuple[Tensor, ...]:  # the policy's root forward under FSDP2 (distributed.in_root)
+            labels = mb.labels
+            h, rh = self.policy_hidden(mb), self.ref_hidden(mb)
             with self.fp32():
                 lp = self.backend.logprobs(h, weight, labels, temp, **tf)
                 ref_lp = self.backend.logprobs(rh, ref_weight, labels, temp, **tf)
@@ -275,11 +300,18 @@ class RLTrainer(Loop):
                     kl = self.backend.kl(h, weight, rh, ref_weight, labels, temp, **tf)
                 else:
                     kl = self.backend.kl_penalty(lp, ref_lp, cfg.ppo.kl_estimator)
+            return h, lp, ref_lp, torch.where(mb.response_mask, kl, 0.0)
+
+        for idx in _chunks(torch.arange(len(ro)), cfg.ppo.micro_batch_size):
+            mb = ro.select(idx)
+            h, lp, ref_lp, kl = distributed.in_root(self.policy, micro, mb)
+            if keep_bottom:  # for the update epochs, which then run the top layers only
+                parts["trunk_hidden"].append(mb.trunk_hidden)
             parts["logprobs"].append(lp)
             parts["ref_logprobs"].append(ref_lp)
             if self.critic is not None:
                 parts["values"].append(self.values(h, mb))
-            parts["kl"].append(torch.where(mask, kl, 0.0))
+            parts["kl"].append(kl)
         for k, v in parts.items():
             setattr(ro, k, torch.cat(v) if v else None)
 
@@ -300,9 +332,9 @@ class RLTrainer(Loop):
             scores = torch.where(no_eos.cpu(), scores - rcfg.missing_eos_penalty, scores)
         if rcfg.clip is not None:
             scores = scores.clamp(-rcfg.clip, rcfg.clip)
-        if rcfg.normalize and bool(torch.isfinite(scores).all()):
-            if update_moments:
-                self.score_moments.update(scores)
+        if rcfg.normalize and self.world.all(bool(torch.isfinite(scores).all())):
+            if update_moments:  # the moments of every rank's scores
+                self.score_moments.update(self.world.gather(scores))
             scores = (scores - self.score_moments.mean) / self.score_moments.std
         return scores.to(self.device)
 
@@ -317,14 +349,26 @@ class RLTrainer(Loop):
 
     def compute_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of one micro-batch: policy loss (- entropy bonus, + in-loss KL) + vf_coef * clipped value loss (with a critic)."""
+        p = self.cfg.ppo
+        pg_loss, out, h = distributed.in_root(self.policy, self.policy_loss, mb)
+        loss = pg_loss
+        if self.critic is not None:
+            values = self.values(h, mb)
+            vf_loss, vstats = ops.ppo_value_loss(values, mb.values, mb.returns, mb.response_mask, clip_eps=p.vf_clip_eps, loss_agg=p.loss_agg)
+            loss = pg_loss + p.vf_coef * vf_loss
+            out |= {"loss/value": vf_loss.detach(), "value/clipfrac": vstats["vf_clipfrac"]}
+        out["loss/total"] = loss.detach()
+        return loss, out
+
+    def policy_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """(policy loss, its stats, the policy's response hidden states): the policy's root forward under FSDP2."""
         p, a = self.cfg.ppo, self.cfg.algorithm
         head = self.head()
-        mask = mb.response_mask
         h = self.policy_hidden(mb)
         kl_in_loss = a.kl_in == "loss" and self.kl_ctl.value > 0
         with self.fp32():
             pg_loss, stats = self.backend.policy_loss(
-                h, head.weight, mb.labels, mb.logprobs, mb.advantages, mask, clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
+                h, head.weight, mb.labels, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
                 dual_clip=p.dual_clip, entropy_coef=p.entropy_coef, temperature=self.cfg.generation.temperature, loss_agg=p.loss_agg,
                 policy_loss=a.policy_loss, importance_ratio=a.importance_ratio, loss_norm_length=a.loss_norm_length,
                 sapo_tau_pos=a.sapo_tau_pos, sapo_tau_neg=a.sapo_tau_neg, logit_scale=head.logit_scale, softcap=head.softcap,
@@ -334,25 +378,19 @@ class RLTrainer(Loop):
         if kl_in_loss:
             out["loss/kl"] = stats["kl"]
         out["loss/policy"] = pg_loss.detach()
-        loss = pg_loss
-        if self.critic is not None:
-            values = self.values(h, mb)
-            vf_loss, vstats = ops.ppo_value_loss(values, mb.values, mb.returns, mask, clip_eps=p.vf_clip_eps, loss_agg=p.loss_agg)
-            loss = pg_loss + p.vf_coef * vf_loss
-            out |= {"loss/value": vf_loss.detach(), "value/clipfrac": vstats["vf_clipfrac"]}
-        out["loss/total"] = loss.detach()
-        return loss, out
+        return pg_loss, out, h
 
     def set_train(self, mode: bool) -> None:
         for m in (self.policy, self.critic):
             if m is not None:
                 m.train(mode)
 
-    def _micro_weight(self, micro: Tensor, minibatch: Tensor, mask: Tensor) -> float:
-        """Share of the minibatch loss this micro-batch carries, so accumulated gradients equal the minibatch's."""
-        if self.cfg.ppo.loss_agg == "token-mean":
-            return float(mask[micro].sum() / mask[minibatch].sum().clamp(min=1))
-        return len(micro) / len(minibatch)
+    def _micro_weights(self, micros: list[Tensor], mask: Tensor) -> list[float]:
+        """Each micro-batch's share of the minibatch loss (over all ranks' parts of it: token counts are summed over
+        ranks, and FSDP averages gradients, hence the factor world size), so accumulated gradients equal the minibatch's."""
+        counts = [float(mask[m].sum()) if self.cfg.ppo.loss_agg == "token-mean" else float(len(m)) for m in micros]
+        total = self.world.sum([sum(counts)])[0]
+        return [c * self.world.size / max(total, 1.0) for c in counts]
 
     def update(self, ro: Rollout) -> dict[str, float]:
         """ppo_epochs x shuffled minibatches; an optimizer step per minibatch, skipped on a non-finite loss/gradient."""
@@ -362,9 +400,10 @@ class RLTrainer(Loop):
         self.set_train(True)
         for _ in range(p.ppo_epochs):
             perm = torch.randperm(len(ro))
-            for minibatch in _chunks(perm, p.minibatch_size):
-                micro_batches = [(self._micro_weight(micro, minibatch, mask), lambda micro=micro: self.compute_loss(ro.select(micro)))
-                                 for micro in _chunks(minibatch, p.micro_batch_size)]
+            for minibatch in _chunks(perm, p.minibatch_size // self.world.size):  # each rank its share of a minibatch
+                micros = _chunks(minibatch, p.micro_batch_size)
+                micro_batches = [(w, lambda micro=micro: self.compute_loss(ro.select(micro)))
+                                 for micro, w in zip(micros, self._micro_weights(micros, mask))]
                 step_sums, step_w, grad_norm = self.optimizer_step(micro_batches, self.policy_params + self.critic_params, p.max_grad_norm)
                 for k, v in step_sums.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -372,7 +411,7 @@ class RLTrainer(Loop):
                 if math.isfinite(grad_norm):
                     grad_norms.append(grad_norm)
         self.set_train(False)
-        out = {k: v / max(total_w, 1e-12) for k, v in sums.items()}
+        out = self.world.mean_metrics(sums, total_w)
         out = {("policy/" + k if "/" not in k else k): v for k, v in out.items()}
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
         return out
@@ -474,6 +513,16 @@ class RLTrainer(Loop):
         kept.extras = dict(ro.extras, rows=rows)
         return kept, frac
 
+    def whiten(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``ops.masked_whiten`` over every rank's tokens (the mean and unbiased variance of the global batch)."""
+        if not self.world.active:
+            return ops.masked_whiten(x, mask)
+        m = mask.bool()
+        total, n = self.world.sum([float(torch.where(m, x, 0).sum()), float(m.sum())])
+        centered = torch.where(m, x - total / n, 0)
+        var = self.world.sum([float(centered.square().sum())])[0] / (n - 1)
+        return centered * (var + 1e-8) ** -0.5
+
     def advantages(self, ro: Rollout, scores: Tensor) -> None:
         """ro.advantages (and ro.rewards / ro.returns where the estimator has them) from the shaped scores."""
         a, p, mask = self.cfg.algorithm, self.cfg.ppo, ro.response_mask
@@ -482,8 +531,8 @@ class RLTrainer(Loop):
             ro.rewards = token_rewards(scores, ro.kl, mask, beta)
             if a.adv_estimator == "gae":
                 ro.advantages, ro.returns = self.backend.gae(ro.rewards, ro.values, mask, p.gamma, p.lam)
-                if p.whiten_advantages and int(mask.sum()) > 1:
-                    ro.advantages = ops.masked_whiten(ro.advantages, mask)
+                if p.whiten_advantages and self.world.sum([float(mask.sum())])[0] > 1:
+                    ro.advantages = self.whiten(ro.advantages, mask)
             else:
                 ro.advantages = ops.reinforce_pp_advantages(ro.rewards, mask, gamma=p.gamma)
             return
@@ -503,10 +552,12 @@ class RLTrainer(Loop):
         """One iteration; None when a stop was requested before the update (the caller rolls it back)."""
         cfg, n = self.cfg, self.cfg.generation.n
         t0 = time.perf_counter()
-        batch = [self.data.train[i] for i in self.sampler.next_batch()]
+        batch = [self.data.train[i] for i in self.sampler.next_batch()]  # the same global batch on every rank: take a share
+        share = len(batch) // self.world.size
+        batch = batch[self.world.rank * share:(self.world.rank + 1) * share]
         prompts = [q for q in batch for _ in range(n)]
         ro = generate(self.policy, self.tokenizer, prompts, cfg.generation, self.eos_ids, self.device, self.autocast, keep_trunk=self.kept_trunk(prompts),
-                      share_prefix=cfg.generation.share_prefix)
+                      **self.sampling())
         ro.group_ids = torch.arange(len(batch), device=self.device).repeat_interleave(n)
         t_gen = time.perf_counter()
         self.score(ro)
@@ -514,12 +565,12 @@ class RLTrainer(Loop):
         if cfg.algorithm.adv_estimator == "remax":
             ro.extras["baseline_scores"] = self.greedy_scores(batch).repeat_interleave(n)
         t_score = time.perf_counter()
-        if stop.requested:
+        if not self.world.all(not stop.requested):
             return None
         mask = ro.response_mask
         kl_seq = ro.kl.sum(-1)
         tensors = [x for x in (ro.logprobs, ro.ref_logprobs, ro.values, ro.kl) if x is not None]
-        finite = all(bool(torch.isfinite(x[mask]).all()) for x in tensors) and bool(torch.isfinite(scores).all())
+        finite = self.world.all(all(bool(torch.isfinite(x[mask]).all()) for x in tensors) and bool(torch.isfinite(scores).all()))
         if finite:
             train_ro, metrics["groups/kept_frac"] = self.filter_groups(ro, scores)
             if len(train_ro):
@@ -534,7 +585,8 @@ class RLTrainer(Loop):
             print(f"iteration {self.iteration + 1}: non-finite rewards/log-probs/values, update skipped "
                   f"({self.skipped_updates} so far)", flush=True)
         t_end = time.perf_counter()
-        self.kl_ctl.update(float(kl_seq.mean()), len(ro))
+        kl_sum, n_seq = self.world.sum([float(kl_seq.sum()), float(len(ro))])
+        self.kl_ctl.update(kl_sum / n_seq, int(n_seq))
         n_tokens = int(mask.sum())
         metrics |= {
             "score/mean": float(scores.mean()),
@@ -557,7 +609,7 @@ class RLTrainer(Loop):
         }
         k = self.cfg.num_samples_logged
         self.tracker.log_samples(self.iteration + 1, ro.prompts[:k], ro.responses[:k], ro.extras["raw_scores"][:k].tolist())
-        return metrics
+        return self.world.mean_metrics(metrics, 1.0)  # equal shares: the mean over ranks is the global mean
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -576,17 +628,13 @@ class RLTrainer(Loop):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(ecfg.seed)
             for s in range(0, len(prompts), ecfg.batch_size):
-                chunk = prompts[s:s + ecfg.batch_size]
+                chunk = prompts[s:s + ecfg.batch_size]  # every rank all of them (the same samples): FSDP's forwards are collective
                 ro = generate(self.policy, self.tokenizer, chunk, cfg.generation, self.eos_ids, self.device, self.autocast,
-                              temperature=temp, keep_trunk=self.kept_trunk(chunk), share_prefix=cfg.generation.share_prefix)
+                              temperature=temp, keep_trunk=self.kept_trunk(chunk), **self.sampling())
                 raw, _ = self.reward_fn(ro.prompts, ro.responses, ro.messages)
                 rewards.append(raw)
                 for idx in _chunks(torch.arange(len(ro)), cfg.ppo.micro_batch_size):
-                    mb = ro.select(idx)
-                    h, rh = self.policy_hidden(mb), self.ref_hidden(mb)
-                    with self.fp32():
-                        kls.append(self.backend.kl(h, head.weight, rh, ref_head.weight, mb.labels, temp, logit_scale=head.logit_scale,
-                                                   softcap=head.softcap).sum(-1).cpu())
+                    kls.append(distributed.in_root(self.policy, self._eval_kl, ro.select(idx), head, ref_head, temp).sum(-1).cpu())
                 lengths.append(ro.response_mask.sum(-1).float().cpu())
                 first = first or (ro.prompts, ro.responses, raw.tolist())
         r = torch.cat(rewards)
@@ -595,6 +643,11 @@ class RLTrainer(Loop):
         return {"eval/reward": float(r.mean()), "eval/reward_std": float(r.std()) if len(r) > 1 else 0.0,
                 "eval/kl": float(torch.cat(kls).mean()), "eval/response_length": float(torch.cat(lengths).mean()),
                 "time/eval": time.perf_counter() - t0}
+
+    def _eval_kl(self, mb: Rollout, head: LMHead, ref_head: LMHead, temp: float) -> Tensor:
+        h, rh = self.policy_hidden(mb), self.ref_hidden(mb)
+        with self.fp32():
+            return self.backend.kl(h, head.weight, rh, ref_head.weight, mb.labels, temp, logit_scale=head.logit_scale, softcap=head.softcap)
 
     def initial_metrics(self) -> dict[str, float]:
         return self.evaluate() if self.data.eval else {}
@@ -619,7 +672,8 @@ class RLTrainer(Loop):
     def save_final_model(self) -> Path:
         """The policy as a Hugging Face folder (a LoRA adapter when LoRA is on) plus the tokenizer."""
         out = self.run_dir / "final"
-        (self.policy if self.cfg.model.lora.enabled else unwrap(self.policy)).save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
+        distributed.save_pretrained(self.policy if self.cfg.model.lora.enabled else unwrap(self.policy), out, self.world)
+        if self.world.main:
+            self.tokenizer.save_pretrained(out)
         return out
 

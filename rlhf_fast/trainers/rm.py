@@ -249,6 +249,8 @@ class RewardModelTrainer(StageTrainer):
     config_class = RMConfig
 
     def setup(self) -> None:
+        if self.world.active:
+            raise UserError("rlhf-fast rm under torchrun is not supported yet: train the reward model in one process")
         cfg, m, d = self.cfg, self.cfg.model, self.cfg.data
         path = resolve_model_path(m.backbone, "model.backbone")
         self.tokenizer = load_tokenizer(path)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..config import ModelConfig, RunConfig
 from ..integrations.hf import lm_head_params
 from ..models import backbone, maybe_compile, unwrap
@@ -109,11 +110,9 @@ class SFTTrainer(StageTrainer):
         if d.packing:
             self.data_stats["data/packed_rows"] = float(len(self.train_set))
 
-    def micro_weights(self, micros: list[list[Tokens]]) -> list[float]:
-        """Token shares: the step's loss is the mean over all of its response tokens."""
-        counts = [sum(e.n_labels for e in m) for m in micros]
-        total = max(sum(counts), 1)
-        return [c / total for c in counts]
+    def micro_counts(self, micros: list[list[Tokens]]) -> list[float]:
+        """Response tokens: the step's loss is the mean over all of its response tokens (on every rank together)."""
+        return [float(sum(e.n_labels for e in m)) for m in micros]
 
     def token_logprobs(self, examples: list[Tokens]) -> tuple[Tensor, Tensor]:
         """([B, S-1] log-probs of the targets, [B, S-1] target mask)."""
@@ -146,8 +145,8 @@ class SFTTrainer(StageTrainer):
         self.set_train(False)
         total, n = 0.0, 0
         bs = self.cfg.train.eval_batch_size
-        for s in range(0, len(self.eval_set), bs):
-            lp, target = self.token_logprobs(self.eval_set[s:s + bs])
+        for s in range(0, len(self.eval_set), bs):  # every rank the whole set: FSDP's forwards are collective
+            lp, target = distributed.in_root(self.model, self.token_logprobs, self.eval_set[s:s + bs])
             total += float(-lp.sum())
             n += int(target.sum())
         loss = total / max(n, 1)
@@ -155,7 +154,8 @@ class SFTTrainer(StageTrainer):
 
     def save_final_model(self):
         out = self.run_dir / "final"
-        (self.model if self.cfg.model.lora.enabled else unwrap(self.model)).save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
+        distributed.save_pretrained(self.model if self.cfg.model.lora.enabled else unwrap(self.model), out, self.world)
+        if self.world.main:
+            self.tokenizer.save_pretrained(out)
         return out
 

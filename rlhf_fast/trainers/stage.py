@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..config import LR_SCHEDULES, load_structured, resume_config_path
 from ..data import PromptSampler
 from ..errors import UserError
@@ -187,13 +188,22 @@ class StageTrainer(Loop):
     def __init__(self, config, resume: str | Path | None = None):
         self.cfg = cfg = config.validate()
         self.run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
-        self.device = resolve_device(cfg.device)
+        self.world, self.device = distributed.setup(resolve_device(cfg.device), cfg.dist_timeout_s)
+        t = cfg.train
+        if t.batch_size % (self.world.size * t.micro_batch_size):
+            raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of the world size x train.micro_batch_size "
+                            f"({self.world.size} x {t.micro_batch_size}): every rank takes an equal share of each step")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.data_stats: dict[str, float] = {}
         self.setup()
-        t = cfg.train
+        self.root = next(iter(self.modules.values()))  # compute_loss runs as its forward (``distributed.in_root``)
+        if self.world.active:  # FSDP2: each decoder layer a unit, then each model
+            from ..models import backbone, unwrap
+
+            for m in self.modules.values():
+                distributed.shard(m, backbone(unwrap(m)).layers, bf16_params=self.bf16, cpu_offload=cfg.fsdp_cpu_offload)
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         if not self.params:
             raise UserError(f"{self.name}: nothing to train (every parameter is frozen)")
@@ -231,10 +241,9 @@ class StageTrainer(Loop):
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         return self.modules
 
-    def micro_weights(self, micros: list[list]) -> list[float]:
-        """Each micro-batch's share of the step's loss (a mean over examples by default)."""
-        n = sum(len(m) for m in micros)
-        return [len(m) / n for m in micros]
+    def micro_counts(self, micros: list[list]) -> list[float]:
+        """What each micro-batch's loss is a mean over (its examples by default); the step's loss is the mean over all."""
+        return [float(len(m)) for m in micros]
 
     # -------------------------------------------------------------------------------------- helpers
 
@@ -263,14 +272,22 @@ class StageTrainer(Loop):
     # -------------------------------------------------------------------------------------- a unit
 
     def run_unit(self, stop) -> dict[str, float]:
-        examples = [self.train_set[i] for i in self.sampler.next_batch()]
-        t = self.cfg.train
-        micros = [examples[s:s + t.micro_batch_size] for s in range(0, len(examples), t.micro_batch_size)]
+        examples = [self.train_set[i] for i in self.sampler.next_batch()]  # the same global batch on every rank
+        t, world = self.cfg.train, self.world
+        share = len(examples) // world.size
+        mine = examples[world.rank * share:(world.rank + 1) * share]
+        micros = [mine[s:s + t.micro_batch_size] for s in range(0, len(mine), t.micro_batch_size)]
+        counts = self.micro_counts(micros)
+        # weights over the global batch; FSDP averages gradients over ranks, hence the factor world.size
+        total = max(world.sum([sum(counts)])[0], 1.0)
+        weights = [c * world.size / total for c in counts]
         self.set_train(True)
-        sums, _, grad_norm = self.optimizer_step(
-            [(w, lambda m=m: self.compute_loss(m)) for m, w in zip(micros, self.micro_weights(micros))], self.params, t.max_grad_norm)
+        sums, w, grad_norm = self.optimizer_step(
+            [(w, lambda m=m: distributed.in_root(self.root, self.compute_loss, m)) for m, w in zip(micros, weights)], self.params,
+            t.max_grad_norm)
         self.set_train(False)
-        return sums | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped_steps}
+        return world.mean_metrics(sums, w) | {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                                              "skipped_steps": self.skipped_steps}
 
 
 def report_data(name: str, loaded, n_train: int, n_eval: int, dropped_long: int, max_length: int) -> dict[str, float]:

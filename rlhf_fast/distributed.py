@@ -1,0 +1,137 @@
+"""Data parallelism on PyTorch's own stack: torchrun's environment, one process group with a timeout, FSDP2 sharding
+(``fully_shard``: one unit per decoder layer, then the root), the global reductions a data-parallel trainer needs,
+and the rank a message or a file belongs to.
+
+A run launched by ``torchrun --nproc_per_node N -m rlhf_fast.cli ...`` (``WORLD_SIZE`` > 1 in the environment) sets up
+the group in :func:`setup` (NCCL on CUDA, gloo on CPU; collectives time out after ``dist_timeout_s``, so a rank that
+died ends the job instead of hanging it). Every rank holds a shard of each model; a unit's parameters are gathered
+while its forward and backward run and its gradients are reduce-scattered (averaged over ranks) after. The fused ops
+read the LM-head weight outside the head's own forward, so the trainers run each micro-batch's whole computation as
+the root module's forward (:func:`in_root`): the root's parameters (embeddings, tied head, final norm) are then
+unsharded, and their gradients reduce-scattered like the layers'. Memory: one full root (with the head, V x H) per
+rank while a micro-batch runs.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only one that writes logs, samples, plots and the final model."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks (float64, one all-reduce); the values themselves in one process."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` (same shape on each), concatenated along dim 0 in rank order."""
+        if not self.active:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def all(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (so that all ranks take the same branch around a collective)."""
+        return self.sum([float(not flag)])[0] == 0 if self.active else flag
+
+    def mean_metrics(self, sums: dict[str, float], weight: float) -> dict[str, float]:
+        """sum over ranks of ``sums`` / sum over ranks of ``weight``: global weighted means, not rank 0's."""
+        keys = sorted(sums)
+        *totals, w = self.sum([sums[k] for k in keys] + [weight])
+        return {k: v / max(w, 1e-12) for k, v in zip(keys, totals)}
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def setup(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
+    """The process group of a torchrun launch (``WORLD_SIZE`` > 1), else a world of one; returns it and this rank's
+    device (``cuda:LOCAL_RANK`` on CUDA). Raises UserError for an inconsistent environment."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 and not dist.is_initialized():
+        return World(), device
+    try:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError):
+        raise UserError(f"WORLD_SIZE={size} but RANK is missing or not an integer: launch with torchrun") from None
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return World(dist.get_rank(), dist.get_world_size(), local), device
+
+
+def shard(model: nn.Module, layers: nn.ModuleList, *, bf16_params: bool = False, cpu_offload: bool = False) -> nn.Module:
+    """FSDP2: each of ``layers`` its own unit, then ``model`` (what remains: embeddings, tied head, final norm) the root.
+    ``bf16_params``: forwards in bf16 with fp32 gradient reduction (``MixedPrecisionPolicy``); ``cpu_offload``:
+    parameters, gradients and optimizer state live on the CPU between uses (``CPUOffloadPolicy``)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kw = {}
+    if bf16_params:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for layer in layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def in_root(model: nn.Module, fn, *args):
+    """``fn(*args)`` as the FSDP root's forward when ``model`` is one (its parameters gathered, their gradients
+    reduce-scattered after backward); a plain call otherwise."""
+    from .integrations.hf import _as_forward, _fsdp_unit
+
+    return _as_forward(model, fn, *args) if _fsdp_unit(model) else fn(*args)
+
+
+def rank_error(world: World, exc: BaseException) -> str:
+    return f"rank {world.rank} of {world.size}: {type(exc).__name__}: {exc}" if world.active else str(exc)
+
+
+def save_pretrained(model: nn.Module, out, world: World) -> None:
+    """``model.save_pretrained(out)`` as one Hugging Face folder: under FSDP2 every rank takes part in gathering the
+    full state dict (on the CPU) and rank 0 writes it; a peft model writes its adapter."""
+    from .integrations.hf import _fsdp_unit
+
+    if not _fsdp_unit(model):
+        if world.main:
+            model.save_pretrained(out)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}  # a tied weight under one name
+    state = {k: v for k, v in state.items() if k in own}
+    if world.main:
+        model.save_pretrained(out, state_dict=state)
+    dist.barrier()

@@ -1,0 +1,204 @@
+"""Data parallelism under FSDP2 (2 processes, gloo, CPU, as torchrun sets them up): a run gives the same losses, metrics
+and weights as one process on the same global batch; a sharded checkpoint resumes at the same and another world
+size; a rank that fails ends the job with its rank named."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from ppo_tiny import make_stage_data, make_tiny_models
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+TIMING = ("time/", "throughput/", "memory/")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tiny models and the SFT / DPO data files, by name."""
+    return make_tiny_models(tmp_path_factory.mktemp("tiny")) | make_stage_data(tmp_path_factory.mktemp("data"))
+
+
+def _trainer(kind: str, overrides: dict, resume: str | None = None):
+    from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+    from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
+    from rlhf_fast.trainers.stage import load_stage_config
+
+    cls, cfg_cls = {"sft": (SFTTrainer, SFTConfig), "dpo": (DPOTrainer, DPOConfig)}[kind]
+    return cls(load_stage_config(cfg_cls, None, overrides), resume=resume)
+
+
+def _worker(rank: int, world: int, port: int, kind: str, runs: list, err_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        for overrides, resume in runs:
+            _trainer(kind, overrides, resume).train()
+    except Exception as e:  # the parent reads what each rank raised
+        Path(f"{err_file}.{rank}").write_text(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _launch(world: int, kind: str, runs: list, tmp_path: Path) -> None:
+    """``runs`` (overrides, resume) one after another in ``world`` processes, as torchrun would start them."""
+    mp.spawn(_worker, args=(world, _free_port(), kind, runs, str(tmp_path / "err")), nprocs=world, join=True)
+
+
+def _run(world: int, kind: str, runs: list, tmp_path: Path) -> None:
+    if world == 1:
+        for overrides, resume in runs:
+            _trainer(kind, overrides, resume).train()
+    else:
+        _launch(world, kind, runs, tmp_path)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    from rlhf_fast.tracking import read_metrics
+
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in read_metrics(run_dir)]
+
+
+def _close(a: list[dict], b: list[dict], tol: float) -> None:
+    assert len(a) == len(b) and [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if isinstance(rb[k], str):  # a non-finite value, as metrics.jsonl writes it
+                assert ra[k] == rb[k], (ra["iteration"], k, ra[k], rb[k])
+            else:
+                assert ra[k] == pytest.approx(rb[k], rel=tol, abs=tol), (ra["iteration"], k, ra[k], rb[k])
+
+
+def _base(files, kind: str, out: Path, **over) -> dict:
+    return {"model.policy": files["policy"], "output_dir": str(out), "threads": 1, "progress_bar": False, "train.batch_size": 8,
+            "train.micro_batch_size": 2, "train.lr": 1e-3, "train.max_steps": 3, "train.eval_every": 2, "save_every": 2,
+            "data.train_file": files["sft" if kind == "sft" else "pairs"]} | over
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_two_ranks_equal_one_process(files, tmp_path, kind):
+    """Each rank takes half of every global batch; token-mean normalisation and metrics are global, FSDP2 averages the
+    reduce-scattered gradients: losses, grad norms, eval metrics and the final weights match one process's run."""
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        _run(world, kind, [(_base(files, kind, out), None)], tmp_path)
+        runs[world] = (_rows(out), load_file(out / "final" / "model.safetensors"))
+    (rows1, w1), (rows2, w2) = runs[1], runs[2]
+    assert "grad_norm" in rows2[1] and "eval/loss" in rows2[-1]
+    # measured: metrics agree to 1.5e-7 relative, weights to 1.0e-7 absolute (fp32: the ranks' partial sums round in
+    # another order than one process's)
+    _close(rows2, rows1, 1e-6)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=5e-7, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("worlds", [(2, 1), (1, 2), (2, 2)])
+def test_sharded_checkpoints_resume_at_any_world_size(files, tmp_path, worlds):
+    """Stop after step 2 (checkpoint), resume at another world size: the continued run equals an uninterrupted one."""
+    first, second = worlds
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    over = {"train.max_steps": 4, "train.lr_schedule": "constant"}  # the cut run's schedule must not depend on where it stops
+    _run(1, "sft", [(_base(files, "sft", full, **over), None)], tmp_path)
+    _run(first, "sft", [(_base(files, "sft", cut, **over | {"train.max_steps": 2, "save_final_model": False}), None)], tmp_path)
+    assert (cut / "checkpoints" / "iter-000002" / "sharded").is_dir()
+    _run(second, "sft", [(_base(files, "sft", cut, **over), str(cut))], tmp_path)
+    full_rows, cut_rows = _rows(full), _rows(cut)
+    _close(cut_rows[-2:], full_rows[-2:], 1e-6)
+    w_full, w_cut = load_file(full / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
+    for k in w_full:
+        torch.testing.assert_close(w_cut[k], w_full[k], rtol=0, atol=5e-7, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_a_failing_rank_ends_the_job_with_its_rank_named(files, tmp_path):
+    """Rank 1 reads a train file that does not exist: it raises a UserError, the job fails instead of hanging."""
+    bad = _base(files, "sft", tmp_path / "bad", **{"dist_timeout_s": 30})
+    import subprocess
+    import sys
+    import time
+
+    script = (f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from rlhf_fast.cli import main\n"
+              "args = ['sft'] + [f'--{k}={v}' for k, v in " + repr(bad) + ".items()]\n"
+              "if os.environ['RANK'] == '1': args.append('--data.train_file=/nonexistent.jsonl')\n"
+              "sys.exit(main(args))\n")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                                                         RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    t0 = time.time()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert time.time() - t0 < 100  # within the collective timeout (30 s) plus start-up, not a hang
+    assert procs[1].returncode != 0 and "rank 1 of 2: data.train_file" in outs[1][1], outs[1][1][-2000:]
+    assert procs[0].returncode != 0  # rank 0 does not carry on alone
+
+
+def _rl_worker(rank: int, world: int, port: int, runs: list, err_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        _rl_runs(runs)
+    except Exception as e:
+        Path(f"{err_file}.{rank}").write_text(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rl_runs(runs: list) -> None:
+    """Greedy responses: the rollout of a prompt is then the same whichever rank samples it, so one process and two
+    ranks train on the same global batch (sampled responses would differ with each rank's random stream)."""
+    import functools
+
+    from ppo_tiny import tiny_config
+
+    import rlhf_fast.trainers.ppo as ppo
+    from rlhf_fast.rollout import generate
+
+    ppo.generate = functools.partial(generate, greedy=True)
+    try:
+        for (policy, out, over), resume in runs:
+            ppo.RLTrainer(tiny_config(policy, Path(out), **over), resume=resume).train()
+    finally:  # the one-process run shares the test process with every other test
+        ppo.generate = generate
+
+
+def _rl(world: int, runs: list, tmp_path: Path) -> None:
+    if world == 1:
+        _rl_runs(runs)
+    else:
+        mp.spawn(_rl_worker, args=(world, _free_port(), runs, str(tmp_path / "err")), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("over", [
+    {"critic.share_backbone": True, "reward.normalize": True, "model.trainable_layers": 1, "ppo.kl_target": 0.01},  # PPO
+    {"algorithm.adv_estimator": "grpo", "generation.n": 2, "ppo.batch_size": 4, "algorithm.kl_in": "loss", "ppo.kl_estimator": "k3"},
+], ids=["ppo", "grpo"])
+def test_rl_two_ranks_equal_one_process(files, tmp_path, over):
+    """Each rank samples half of the prompts (GRPO's groups stay on one rank); advantage whitening, reward moments, the
+    KL controller, token-mean weights and metrics are global: the run matches one process's on the same batch."""
+    over = dict(over, **{"ppo.iterations": 2, "eval.every": 1, "ppo.ppo_epochs": 2, "save_final_model": True})
+    over.setdefault("ppo.minibatch_size", over.get("ppo.batch_size", 8) * over.get("generation.n", 1))  # one minibatch: no shuffle
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        _rl(world, [((files["policy"], str(out), over), None)], tmp_path)
+        runs[world] = (_rows(out), load_file(out / "final" / "model.safetensors"))
+    (rows1, w1), (rows2, w2) = runs[1], runs[2]
+    assert len(rows1) == 3 and "grad_norm" in rows2[1] and "eval/reward" in rows2[-1]
+    _close(rows2, rows1, 1e-5)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
