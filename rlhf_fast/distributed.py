@@ -1,6 +1,6 @@
 """Data parallelism on PyTorch's own stack: torchrun's environment, one process group with a timeout, FSDP2 sharding
 (``fully_shard``: one unit per decoder layer, then the root), the global reductions a data-parallel trainer needs,
-and the rank a message or a file belongs to.
+and the full model written once.
 
 A run launched by ``torchrun --nproc_per_node N -m rlhf_fast.cli ...`` (``WORLD_SIZE`` > 1 in the environment) sets up
 the group in :func:`setup` (NCCL on CUDA, gloo on CPU; collectives time out after ``dist_timeout_s``, so a rank that
@@ -112,10 +112,6 @@ def in_root(model: nn.Module, fn, *args):
     from .integrations.hf import _as_forward, _fsdp_unit
 
     return _as_forward(model, fn, *args) if _fsdp_unit(model) else fn(*args)
-
-
-def rank_error(world: World, exc: BaseException) -> str:
-    return f"rank {world.rank} of {world.size}: {type(exc).__name__}: {exc}" if world.active else str(exc)
 
 
 def save_pretrained(model: nn.Module, out, world: World) -> None:

@@ -223,3 +223,15 @@ def test_cli_runs_and_plots(tiny, tmp_path, capsys):
     assert main(["plot", str(run)]) == 0
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_checkpoint_of_the_earlier_layout_is_refused_clearly(tiny, tmp_path):
+    """A run dir whose checkpoint predates the sharded layout (weights.safetensors) stops with a message, not a traceback."""
+    from rlhf_fast.errors import UserError
+
+    ckpt = tmp_path / "run" / "checkpoints" / "iter-000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text('{"iteration": 1}')
+    (ckpt / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="earlier version of rlhf_fast"):
+        RLTrainer(tiny_config(tiny["policy"], tmp_path / "run"), resume=tmp_path / "run")

@@ -609,7 +609,7 @@ class RLTrainer(Loop):
         }
         k = self.cfg.num_samples_logged
         self.tracker.log_samples(self.iteration + 1, ro.prompts[:k], ro.responses[:k], ro.extras["raw_scores"][:k].tolist())
-        return self.world.mean_metrics(metrics, 1.0)  # equal shares: the mean over ranks is the global mean
+        return self.world.mean_metrics(metrics, 1.0) if self.world.active else metrics  # equal shares: the mean over ranks
 
     # ------------------------------------------------------------------------------------------ evaluation
 
