@@ -94,7 +94,7 @@ def report(png: Path) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, label in ALGORITHMS.items():
-        dest = RESULTS / tag
+        dest = RESULTS / f"{name}_smollm2_sentiment"
         if not (dest / "summary.json").is_file():
             continue
         s = json.loads((dest / "summary.json").read_text())

@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stop without a checkpoint
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # under torchrun, say which rank failed before the traceback (the others fail in a collective)
+        if _rank():
+            print(f"error: {_rank()}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

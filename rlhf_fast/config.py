@@ -430,6 +430,8 @@ def resume_config_path(config_path: str | None, resume: str | None, what: str = 
     return config_path or str(Path(resume) / "config.yaml")
 
 
-def save_config(cfg, path: str | Path) -> None:
-    """``cfg`` (any config dataclass) as the YAML that load_config / load_stage_config read back (a resumed run's)."""
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))  # its strings literal, unlike OmegaConf's
+def save_config(cfg, path: str | Path, comment: str | None = None) -> None:
+    """``cfg`` (any config dataclass) as the YAML that load_config / load_stage_config read back (a resumed run's);
+    ``comment``: a first line for the record (e.g. the world size a torchrun launch ran at), ignored when read."""
+    text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)  # its strings literal, unlike OmegaConf's
+    Path(path).write_text(f"# {comment}\n{text}" if comment else text)

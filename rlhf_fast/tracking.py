@@ -28,14 +28,16 @@ def _truncate_jsonl(path: Path, last_iteration: int) -> None:
 
 
 class Tracker:
-    def __init__(self, run_dir: str | Path, resume_iteration: int | None = None, tensorboard: bool = True, config=None):
-        """Opens ``run_dir`` (created; ``config``, the run's config dataclass, written to config.yaml when given)."""
+    def __init__(self, run_dir: str | Path, resume_iteration: int | None = None, tensorboard: bool = True, config=None,
+                 comment: str | None = None):
+        """Opens ``run_dir`` (created; ``config``, the run's config dataclass, written to config.yaml when given, with
+        ``comment`` as its first line)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config is not None:
             from .config import save_config
 
-            save_config(config, self.run_dir / "config.yaml")
+            save_config(config, self.run_dir / "config.yaml", comment)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
         if resume_iteration is None:

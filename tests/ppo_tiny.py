@@ -117,3 +117,12 @@ def grouped_rollout(trainer, n_prompts: int):
     ro.group_ids = torch.arange(n_prompts).repeat_interleave(n)
     trainer.score(ro)
     return ro
+
+
+def rank_one_fails_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """letter_reward, except on torchrun's rank 1, where it raises (a reward server that failed there)."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("reward service unreachable")
+    return letter_reward(prompts, responses)

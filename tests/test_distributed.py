@@ -123,27 +123,42 @@ def test_sharded_checkpoints_resume_at_any_world_size(files, tmp_path, worlds):
         torch.testing.assert_close(w_cut[k], w_full[k], rtol=0, atol=5e-7, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_a_failing_rank_ends_the_job_with_its_rank_named(files, tmp_path):
-    """Rank 1 reads a train file that does not exist: it raises a UserError, the job fails instead of hanging."""
-    bad = _base(files, "sft", tmp_path / "bad", **{"dist_timeout_s": 30})
+def _two_ranks(args: list[str], rank_one_extra: list[str] = ()) -> list[tuple[int, str]]:
+    """``rlhf-fast <args>`` in 2 processes as torchrun starts them; (exit code, stderr) per rank."""
     import subprocess
     import sys
-    import time
 
     script = (f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
               "from rlhf_fast.cli import main\n"
-              "args = ['sft'] + [f'--{k}={v}' for k, v in " + repr(bad) + ".items()]\n"
-              "if os.environ['RANK'] == '1': args.append('--data.train_file=/nonexistent.jsonl')\n"
+              f"args = {args!r}\n"
+              f"if os.environ['RANK'] == '1': args += {list(rank_one_extra)!r}\n"
               "sys.exit(main(args))\n")
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                                                                          RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    t0 = time.time()
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert time.time() - t0 < 100  # within the collective timeout (30 s) plus start-up, not a hang
-    assert procs[1].returncode != 0 and "rank 1 of 2: data.train_file" in outs[1][1], outs[1][1][-2000:]
-    assert procs[0].returncode != 0  # rank 0 does not carry on alone
+    outs = [p.communicate(timeout=150) for p in procs]  # a hang fails the test here
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+
+def test_a_failing_rank_ends_the_job_with_its_rank_named(files, tmp_path):
+    """Rank 1 reads a train file that does not exist: it raises a UserError naming its rank and the key; rank 0 does
+    not carry on alone (its next collective fails), and neither hangs."""
+    bad = _base(files, "sft", tmp_path / "bad", **{"dist_timeout_s": 30})
+    (rc0, _), (rc1, err1) = _two_ranks(["sft"] + [f"--{k}={v}" for k, v in bad.items()], ["--data.train_file=/nonexistent.jsonl"])
+    assert rc1 == 2 and "error: rank 1 of 2: data.train_file" in err1, err1[-2000:]
+    assert rc0 != 0
+
+
+def test_a_reward_that_fails_on_one_rank_ends_the_job(files, tmp_path):
+    """Mid-run: the reward function raises on rank 1 during the first iteration; both ranks exit non-zero."""
+    args = ["ppo", f"--model.policy={files['policy']}", f"--output_dir={tmp_path / 'run'}", "--threads=1", "--progress_bar=false",
+            "--ppo.iterations=2", "--ppo.batch_size=4", "--ppo.minibatch_size=4", "--ppo.micro_batch_size=2",
+            "--generation.max_new_tokens=6", "--eval.num_prompts=2", "--eval.batch_size=2", "--critic.share_backbone=true",
+            "--dist_timeout_s=30", "--reward.sources=[{spec: 'ppo_tiny:rank_one_fails_reward'}]"]
+    (rc0, _), (rc1, err1) = _two_ranks(args)
+    assert rc1 != 0 and "error: rank 1 of 2: RuntimeError: reward service unreachable" in err1, err1[-2000:]
+    assert rc0 != 0
 
 
 def _rl_worker(rank: int, world: int, port: int, runs: list, err_file: str) -> None:
@@ -198,6 +213,7 @@ def test_rl_two_ranks_equal_one_process(files, tmp_path, over):
         _rl(world, [((files["policy"], str(out), over), None)], tmp_path)
         runs[world] = (_rows(out), load_file(out / "final" / "model.safetensors"))
     (rows1, w1), (rows2, w2) = runs[1], runs[2]
+    assert (tmp_path / "w2" / "config.yaml").read_text().startswith("# world_size: 2")
     assert len(rows1) == 3 and "grad_norm" in rows2[1] and "eval/reward" in rows2[-1]
     _close(rows2, rows1, 1e-5)
     for k in w1:

@@ -68,7 +68,8 @@ class Loop:
             resumed = self.iteration
             if self.world.main:
                 print(f"resumed from {ckpt} ({self.unit} {self.iteration})", flush=True)
-        self.tracker = Tracker(self.run_dir, resumed, config=self.cfg) if self.world.main else NullTracker()
+        launched = f"world_size: {self.world.size} (torchrun, FSDP2)" if self.world.active else None
+        self.tracker = Tracker(self.run_dir, resumed, config=self.cfg, comment=launched) if self.world.main else NullTracker()
 
     # ------------------------------------------------------------------------------------------ hooks
 
