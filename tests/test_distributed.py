@@ -218,3 +218,16 @@ def test_rl_two_ranks_equal_one_process(files, tmp_path, over):
     _close(rows2, rows1, 1e-5)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_rl_checkpoint_from_two_ranks_resumes_in_one_process(files, tmp_path):
+    """PPO with a value head: one iteration on 2 ranks (checkpoint), the second in one process, equals two iterations in
+    one process (greedy responses, one minibatch: the same batches whatever the world size)."""
+    over = {"critic.share_backbone": True, "model.trainable_layers": 1, "ppo.minibatch_size": 8, "eval.every": 1,
+            "save_every": 1, "ppo.iterations": 2}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _rl(1, [((files["policy"], str(full), over), None)], tmp_path)
+    _rl(2, [((files["policy"], str(cut), dict(over, **{"ppo.iterations": 1})), None)], tmp_path)
+    assert (cut / "checkpoints" / "iter-000001" / "rng-1.pt").is_file()  # written by 2 ranks
+    _rl(1, [((files["policy"], str(cut), over), str(cut))], tmp_path)
+    _close(_rows(cut)[-1:], _rows(full)[-1:], 1e-5)
