@@ -59,6 +59,13 @@ class World:
         """Whether ``flag`` holds on every rank (so that all ranks take the same branch around a collective)."""
         return self.sum([float(not flag)])[0] == 0 if self.active else flag
 
+    def shares(self, counts: list[float]) -> list[float]:
+        """Each of this rank's ``counts`` over the total of every rank's, times the world size: the weights of
+        micro-batch losses that are means over ``counts`` items, so that accumulated gradients, which FSDP averages over
+        ranks, equal those of the global batch's mean."""
+        total = max(self.sum([sum(counts)])[0], 1.0)
+        return [c * self.size / total for c in counts]
+
     def mean_metrics(self, sums: dict[str, float], weight: float) -> dict[str, float]:
         """sum over ranks of ``sums`` / sum over ranks of ``weight``: global weighted means, not rank 0's."""
         keys = sorted(sums)

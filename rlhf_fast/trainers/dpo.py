@@ -28,7 +28,7 @@ from .. import distributed
 from ..config import ModelConfig, RunConfig
 from ..errors import UserError
 from ..integrations.hf import lm_head_params
-from ..models import backbone, checked_lm_head, maybe_compile, unwrap
+from ..models import backbone, checked_lm_head, maybe_compile
 from ..preference_data import load_examples, with_system_prompt
 from .backend import get_backend
 from .stage import (StageDataConfig, StageTrainer, TrainConfig, batch_tensors, choice, encode_conversation, load_policy,
@@ -245,8 +245,4 @@ class DPOTrainer(StageTrainer):
         return {f"eval/{k}": v / len(self.eval_set) for k, v in sums.items()}
 
     def save_final_model(self):
-        out = self.run_dir / "final"
-        distributed.save_pretrained(self.model if self.cfg.model.lora.enabled else unwrap(self.model), out, self.world)
-        if self.world.main:
-            self.tokenizer.save_pretrained(out)
-        return out
+        return self.save_model_folder(self.model, self.tokenizer, self.cfg.model.lora.enabled)

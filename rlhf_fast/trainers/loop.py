@@ -98,6 +98,18 @@ class Loop:
     def save_final_model(self) -> Path:
         raise NotImplementedError
 
+    def save_model_folder(self, model: torch.nn.Module, tokenizer, lora: bool) -> Path:
+        """``model`` as one Hugging Face folder in ``run_dir/final`` (its LoRA adapter when ``lora``) plus the tokenizer;
+        every rank calls it: under FSDP2 the weights are gathered and rank 0 writes them."""
+        from ..distributed import save_pretrained
+        from ..models import unwrap
+
+        out = self.run_dir / "final"
+        save_pretrained(model if lora else unwrap(model), out, self.world)
+        if self.world.main:
+            tokenizer.save_pretrained(out)
+        return out
+
     # ------------------------------------------------------------------------------------------ a gradient step
 
     def optimizer_step(self, micro_batches: Iterable[tuple[float, Callable[[], tuple[Tensor, dict]]]], params: list[Tensor],

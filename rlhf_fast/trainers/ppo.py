@@ -241,8 +241,11 @@ class RLTrainer(Loop):
         if not self.keep_hidden or self.split is None:
             return None
         columns = max(len(p.ids) for p in prompts) + self.cfg.generation.max_new_tokens
-        size = len(prompts) * columns * unwrap(self.policy).config.hidden_size * 4
-        return self.split.boundary() if size <= self.cfg.model.trunk_cache_mb * 2**20 else None
+        return self.split.boundary() if self.trunk_fits(len(prompts) * columns) else None
+
+    def trunk_fits(self, positions: int) -> bool:
+        """Whether the bottom's fp32 output for ``positions`` token positions fits ``model.trunk_cache_mb``."""
+        return positions * unwrap(self.policy).config.hidden_size * 4 <= self.cfg.model.trunk_cache_mb * 2**20
 
     def bottom(self, ro: Rollout) -> Tensor:
         """The frozen bottom's output for ``ro``, computed once and kept on it (``ro.trunk_hidden``)."""
@@ -287,8 +290,7 @@ class RLTrainer(Loop):
         head, ref_head = self.heads()
         weight, ref_weight, tf = head.weight, ref_head.weight, dict(logit_scale=head.logit_scale, softcap=head.softcap)
         parts = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "trunk_hidden")}
-        keep_bottom = self.split is not None and (ro.input_ids.numel() * unwrap(self.policy).config.hidden_size * 4
-                                                  <= cfg.model.trunk_cache_mb * 2**20)
+        keep_bottom = self.split is not None and self.trunk_fits(ro.input_ids.numel())
 
         def micro(mb: Rollout) -> tuple[Tensor, ...]:  # the policy's root forward under FSDP2 (distributed.in_root)
             labels = mb.labels
@@ -388,9 +390,7 @@ class RLTrainer(Loop):
     def _micro_weights(self, micros: list[Tensor], mask: Tensor) -> list[float]:
         """Each micro-batch's share of the minibatch loss (over all ranks' parts of it: token counts are summed over
         ranks, and FSDP averages gradients, hence the factor world size), so accumulated gradients equal the minibatch's."""
-        counts = [float(mask[m].sum()) if self.cfg.ppo.loss_agg == "token-mean" else float(len(m)) for m in micros]
-        total = self.world.sum([sum(counts)])[0]
-        return [c * self.world.size / max(total, 1.0) for c in counts]
+        return self.world.shares([float(mask[m].sum()) if self.cfg.ppo.loss_agg == "token-mean" else float(len(m)) for m in micros])
 
     def update(self, ro: Rollout) -> dict[str, float]:
         """ppo_epochs x shuffled minibatches; an optimizer step per minibatch, skipped on a non-finite loss/gradient."""
@@ -671,9 +671,5 @@ class RLTrainer(Loop):
 
     def save_final_model(self) -> Path:
         """The policy as a Hugging Face folder (a LoRA adapter when LoRA is on) plus the tokenizer."""
-        out = self.run_dir / "final"
-        distributed.save_pretrained(self.policy if self.cfg.model.lora.enabled else unwrap(self.policy), out, self.world)
-        if self.world.main:
-            self.tokenizer.save_pretrained(out)
-        return out
+        return self.save_model_folder(self.policy, self.tokenizer, self.cfg.model.lora.enabled)
 

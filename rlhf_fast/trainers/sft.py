@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import distributed
 from ..config import ModelConfig, RunConfig
 from ..integrations.hf import lm_head_params
-from ..models import backbone, maybe_compile, unwrap
+from ..models import backbone, maybe_compile
 from ..preference_data import load_examples, with_system_prompt
 from .backend import get_backend
 from .stage import (IGNORE_INDEX, StageDataConfig, StageTrainer, TrainConfig, batch_tensors, encode_conversation, load_policy,
@@ -153,9 +153,5 @@ class SFTTrainer(StageTrainer):
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
     def save_final_model(self):
-        out = self.run_dir / "final"
-        distributed.save_pretrained(self.model if self.cfg.model.lora.enabled else unwrap(self.model), out, self.world)
-        if self.world.main:
-            self.tokenizer.save_pretrained(out)
-        return out
+        return self.save_model_folder(self.model, self.tokenizer, self.cfg.model.lora.enabled)
 

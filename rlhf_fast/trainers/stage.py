@@ -277,10 +277,7 @@ class StageTrainer(Loop):
         share = len(examples) // world.size
         mine = examples[world.rank * share:(world.rank + 1) * share]
         micros = [mine[s:s + t.micro_batch_size] for s in range(0, len(mine), t.micro_batch_size)]
-        counts = self.micro_counts(micros)
-        # weights over the global batch; FSDP averages gradients over ranks, hence the factor world.size
-        total = max(world.sum([sum(counts)])[0], 1.0)
-        weights = [c * world.size / total for c in counts]
+        weights = world.shares(self.micro_counts(micros))  # over the global batch
         self.set_train(True)
         sums, w, grad_norm = self.optimizer_step(
             [(w, lambda m=m: distributed.in_root(self.root, self.compute_loss, m)) for m, w in zip(micros, weights)], self.params,
