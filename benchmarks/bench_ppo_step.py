@@ -105,7 +105,7 @@ def params_mb(trainer) -> dict:
         return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in modules if m is not None for p in m.parameters()}
 
     policy = storages(trainer.policy)
-    ref = storages(trainer.ref) if trainer.ref is not None else storages(*getattr(trainer, "ref_top", ()) or ())
+    ref = storages(trainer.ref, trainer.ref_top)  # a full copy, or only the top layers (None: LoRA's adapters off)
     critic = storages(trainer.critic)
     extra = lambda d: sum(v for k, v in d.items() if k not in policy) / 2**20  # noqa: E731
     return {"policy": sum(policy.values()) / 2**20, "reference": extra(ref), "critic": extra(critic)}

@@ -39,6 +39,11 @@ class World:
     def active(self) -> bool:
         return self.size > 1
 
+    @property
+    def process_group(self):
+        """The group of every rank, for the ops' batch statistics (``process_group=``); None in one process."""
+        return dist.group.WORLD if self.active else None
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over ranks (float64, one all-reduce); the values themselves in one process."""
         if not self.active:
@@ -119,6 +124,16 @@ def in_root(model: nn.Module, fn, *args):
     from .integrations.hf import _as_forward, _fsdp_unit
 
     return _as_forward(model, fn, *args) if _fsdp_unit(model) else fn(*args)
+
+
+def reshard(*modules) -> None:
+    """Free the gathered parameters of FSDP2 roots that ran forwards only (a frozen reference): a root keeps its
+    parameters gathered after its forward, for a backward that never comes. No-op for None and unsharded modules."""
+    from .integrations.hf import _fsdp_unit
+
+    for m in modules:
+        if m is not None and _fsdp_unit(m):
+            m.reshard()
 
 
 def save_pretrained(model: nn.Module, out, world: World) -> None:

@@ -340,6 +340,19 @@ class TrunkSplit:
         return layers, copy.deepcopy(self.body.norm).eval().requires_grad_(False)
 
 
+class TopCopy(nn.Module):
+    """Copies of a backbone's top decoder layers and final norm (``TrunkSplit.frozen_top_copy``), as one module:
+    the reference's own part with a shared trunk, an FSDP2 root of its own under torchrun."""
+
+    def __init__(self, layers: nn.ModuleList, norm: nn.Module):
+        super().__init__()
+        self.layers, self.norm = layers, norm
+
+    def forward(self, split: TrunkSplit, bottom: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, S, H] last hidden states from ``split``'s bottom output through these layers and norm."""
+        return split.top(bottom, attention_mask, self.layers, self.norm)
+
+
 class Critic(nn.Module):
     """Value model: a scalar head on hidden states from one of three bodies. ``body``: its own backbone copy;
     ``top`` (layers, norm): its own copy of the top layers, run from the policy's frozen trunk (``TrunkSplit``);
@@ -356,9 +369,11 @@ class Critic(nn.Module):
             nn.init.zeros_(head.bias)
         self.head = head
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] hidden states -> [...] float32 values (a forward, so that an FSDP2-sharded head is gathered)."""
+    def value(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] hidden states -> [...] float32 values (under FSDP2, inside the critic's root forward)."""
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    forward = value
 
 
 def build_critic(policy: nn.Module, critic_cfg, policy_tokenizer, reward_model_path: str | None, device,

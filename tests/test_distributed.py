@@ -3,6 +3,7 @@ and weights as one process on the same global batch; a sharded checkpoint resume
 size; a rank that fails ends the job with its rank named."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -161,6 +162,77 @@ def test_a_reward_that_fails_on_one_rank_ends_the_job(files, tmp_path):
     assert rc0 != 0
 
 
+def _ops_worker(rank: int, world: int, port: int, parts: list, out: str) -> None:
+    """This rank's share of each batch through the ops with ``process_group``; writes what they return."""
+    from rlhf_fast import ops
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x, mask, rewards, scores = parts[rank]
+        g = dist.group.WORLD
+        torch.save({"whiten": ops.masked_whiten(x, mask, process_group=g),
+                    "whiten_scale": ops.masked_whiten(x, mask, shift_mean=False, process_group=g),
+                    "rpp": ops.reinforce_pp_advantages(rewards, mask, gamma=0.9, process_group=g),
+                    "rpp1": ops.reinforce_pp_advantages(rewards, mask, gamma=1.0, process_group=g),
+                    "reinforce": ops.outcome_advantages(scores, None, estimator="reinforce", baseline="batch_mean",
+                                                        process_group=g)}, f"{out}.{rank}")
+        with pytest.raises(ValueError, match="process_group: 'grpo' has no batch statistic"):
+            ops.outcome_advantages(scores, torch.zeros(len(scores), dtype=torch.long), estimator="grpo", process_group=g)
+        with pytest.raises(TypeError, match="process_group: expected a torch.distributed.ProcessGroup or None, got str"):
+            ops.masked_whiten(x, mask, process_group="world")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["random", "empty_rank", "constant_per_rank"])
+def test_ops_batch_statistics_over_ranks(tmp_path, case):
+    """Whitening, REINFORCE++'s returns and the batch-mean baseline with ``process_group``: each of 2 ranks holds a
+    share of the batch (unequal, one possibly without a valid token) and gets its rows of what the float64 references
+    give on the whole batch. ``constant_per_rank``: each rank's returns are constant but differ between ranks, so only
+    a global check leaves them non-zero."""
+    from test_advantages import ref_outcome, ref_reinforce_pp
+
+    gen, t = torch.Generator().manual_seed(7), 6
+    parts = []
+    for rank, rows in enumerate((3, 2)):
+        mask = torch.rand(rows, t, generator=gen) < 0.7
+        mask[:, 0] = True
+        if case == "empty_rank" and rank == 1:
+            mask[:] = False
+        rewards = torch.randn(rows, t, generator=gen)
+        if case == "constant_per_rank":  # one reward at the first token: every return of the rank is the same
+            mask = torch.zeros(rows, t, dtype=torch.bool)
+            mask[:, 0] = True
+            rewards = torch.full((rows, t), float(rank + 1))
+        parts.append((torch.randn(rows, t, generator=gen), mask, rewards, torch.randn(rows, generator=gen)))
+    mp.spawn(_ops_worker, args=(2, _free_port(), parts, str(tmp_path / "out")), nprocs=2, join=True)
+    got = {k: torch.cat([torch.load(tmp_path / f"out.{r}")[k] for r in range(2)]) for k in ("whiten", "whiten_scale", "rpp", "rpp1",
+                                                                                             "reinforce")}
+    x, mask, rewards, scores = (torch.cat(z) for z in zip(*parts))
+    v = x[mask].double()
+    mean, std = v.mean(), ((v - v.mean()).square().sum() / (len(v) - 1) + 1e-8).sqrt()
+    want = {"whiten": torch.where(mask, (x.double() - mean) / std, 0.0),
+            "whiten_scale": torch.where(mask, (x.double() - mean) / std + mean, 0.0),
+            "rpp": torch.tensor(ref_reinforce_pp(rewards, mask, 0.9), dtype=torch.float64),
+            "rpp1": torch.tensor(ref_reinforce_pp(rewards, mask, 1.0), dtype=torch.float64),
+            "reinforce": torch.tensor(ref_outcome(scores, None, [True] * len(scores), "reinforce", baseline="batch_mean"),
+                                      dtype=torch.float64)}
+    if case == "constant_per_rank":
+        assert got["rpp"].abs().max() > 0.5  # global returns vary: not zeroed
+    for k in want:  # fp32 in, statistics in float64 (x's dtype for whitening): measured max error ~2e-7
+        torch.testing.assert_close(got[k].double(), want[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_ops_process_group_errors():
+    from rlhf_fast import ops
+
+    x, m = torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
+        ops.masked_whiten(x, m, process_group=object())
+    with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
+        ops.reinforce_pp_advantages(x, m, process_group=object())
+
+
 def _rl_worker(rank: int, world: int, port: int, runs: list, err_file: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     try:
@@ -186,7 +258,12 @@ def _rl_runs(runs: list) -> None:
     ppo.generate = functools.partial(generate, greedy=True)
     try:
         for (policy, out, over), resume in runs:
-            ppo.RLTrainer(tiny_config(policy, Path(out), **over), resume=resume).train()
+            trainer = ppo.RLTrainer(tiny_config(policy, Path(out), **over), resume=resume)
+            trainer.train()
+            if dist.is_initialized():  # which models hold only shards of their weights now, after the run
+                models = {k: getattr(trainer, k) for k in ("policy", "ref", "ref_top", "critic") if getattr(trainer, k) is not None}
+                sharded = {k: all(type(p).__name__ == "DTensor" for p in m.parameters()) for k, m in models.items()}
+                (Path(out) / f"sharded.{dist.get_rank()}.json").write_text(json.dumps(sharded))
     finally:  # the one-process run shares the test process with every other test
         ppo.generate = generate
 
@@ -200,11 +277,17 @@ def _rl(world: int, runs: list, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("over", [
     {"critic.share_backbone": True, "reward.normalize": True, "model.trainable_layers": 1, "ppo.kl_target": 0.01},  # PPO
+    {"ppo.kl_estimator": "full"},  # full copies: the reference, and a critic with its own backbone
+    {"model.trainable_layers": 1, "critic.trainable_layers": 1},  # reference and critic: their own top layers on the shared trunk
     {"algorithm.adv_estimator": "grpo", "generation.n": 2, "ppo.batch_size": 4, "algorithm.kl_in": "loss", "ppo.kl_estimator": "k3"},
-], ids=["ppo", "grpo"])
+    {"algorithm.adv_estimator": "reinforce_pp", "model.trainable_layers": 1},
+    {"algorithm.adv_estimator": "reinforce", "algorithm.reinforce_baseline": "batch_mean"},
+    {"algorithm.adv_estimator": "remax", "model.trainable_layers": 1},
+], ids=["ppo", "ppo_full_copies", "ppo_top_copies", "grpo", "reinforce_pp", "reinforce", "remax"])
 def test_rl_two_ranks_equal_one_process(files, tmp_path, over):
-    """Each rank samples half of the prompts (GRPO's groups stay on one rank); advantage whitening, reward moments, the
-    KL controller, token-mean weights and metrics are global: the run matches one process's on the same batch."""
+    """Each rank samples half of the prompts (GRPO's groups stay on one rank); advantage whitening (GAE's, REINFORCE++'s),
+    the batch-mean baseline, reward moments, the KL controller, token-mean weights and metrics are global; the
+    reference and a separate critic are sharded like the policy: the run matches one process's on the same batch."""
     over = dict(over, **{"ppo.iterations": 2, "eval.every": 1, "ppo.ppo_epochs": 2, "save_final_model": True})
     over.setdefault("ppo.minibatch_size", over.get("ppo.batch_size", 8) * over.get("generation.n", 1))  # one minibatch: no shuffle
     runs = {}
@@ -214,20 +297,25 @@ def test_rl_two_ranks_equal_one_process(files, tmp_path, over):
         runs[world] = (_rows(out), load_file(out / "final" / "model.safetensors"))
     (rows1, w1), (rows2, w2) = runs[1], runs[2]
     assert (tmp_path / "w2" / "config.yaml").read_text().startswith("# world_size: 2")
+    for rank in range(2):  # every model is sharded, and the reference's gathered weights were freed after its forwards
+        sharded = json.loads((tmp_path / "w2" / f"sharded.{rank}.json").read_text())
+        assert all(sharded.values()) and ("ref" in sharded or "ref_top" in sharded), sharded
     assert len(rows1) == 3 and "grad_norm" in rows2[1] and "eval/reward" in rows2[-1]
     _close(rows2, rows1, 1e-5)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_rl_checkpoint_from_two_ranks_resumes_in_one_process(files, tmp_path):
-    """PPO with a value head: one iteration on 2 ranks (checkpoint), the second in one process, equals two iterations in
-    one process (greedy responses, one minibatch: the same batches whatever the world size)."""
-    over = {"critic.share_backbone": True, "model.trainable_layers": 1, "ppo.minibatch_size": 8, "eval.every": 1,
+@pytest.mark.parametrize("worlds", [(2, 1), (1, 2)])
+def test_rl_checkpoint_resumes_at_another_world_size(files, tmp_path, worlds):
+    """PPO with a separate critic: one iteration at one world size (checkpoint), the second at the other, equals two
+    iterations in one process (greedy responses, one minibatch: the same batches whatever the world size)."""
+    first, second = worlds
+    over = {"model.trainable_layers": 1, "critic.trainable_layers": 1, "ppo.minibatch_size": 8, "eval.every": 1,
             "save_every": 1, "ppo.iterations": 2}
     full, cut = tmp_path / "full", tmp_path / "cut"
     _rl(1, [((files["policy"], str(full), over), None)], tmp_path)
-    _rl(2, [((files["policy"], str(cut), dict(over, **{"ppo.iterations": 1})), None)], tmp_path)
-    assert (cut / "checkpoints" / "iter-000001" / "rng-1.pt").is_file()  # written by 2 ranks
-    _rl(1, [((files["policy"], str(cut), over), str(cut))], tmp_path)
+    _rl(first, [((files["policy"], str(cut), dict(over, **{"ppo.iterations": 1})), None)], tmp_path)
+    assert (cut / "checkpoints" / "iter-000001" / f"rng-{first - 1}.pt").is_file()  # one file per rank
+    _rl(second, [((files["policy"], str(cut), over), str(cut))], tmp_path)
     _close(_rows(cut)[-1:], _rows(full)[-1:], 1e-5)

@@ -105,7 +105,7 @@ def test_sharing_the_frozen_trunk_changes_nothing(tiny, tmp_path, over):
     for n in w_s:
         torch.testing.assert_close(w_s[n], w_f[n], rtol=1e-6, atol=1e-6, msg=n)
     # the shared run's reference holds the top layer and the final norm only
-    ref_params = sum(p.numel() for m in shared.ref_top for p in m.parameters())
+    ref_params = sum(p.numel() for p in shared.ref_top.parameters())
     body = backbone(full.ref)
     assert ref_params == sum(p.numel() for p in body.layers[1].parameters()) + sum(p.numel() for p in body.norm.parameters())
     assert ref_params < sum(p.numel() for p in full.ref.parameters()) / 3

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, _dist
 
 OUTCOME_ESTIMATORS = ("grpo", "rloo", "reinforce", "remax")
 REINFORCE_BASELINES = ("none", "batch_mean")
@@ -39,6 +39,7 @@ def outcome_advantages(
     baseline: str = "none",
     baseline_scores: Tensor | None = None,
     valid: Tensor | None = None,
+    process_group=None,
 ) -> Tensor:
     """Per-sequence advantages from outcome (sequence-level) scores; the caller broadcasts them over response tokens.
 
@@ -67,15 +68,23 @@ def outcome_advantages(
         baseline_scores: [B], scores' dtype and device; required by "remax", rejected by the others.
         valid: optional [B] bool or 0/1; rows with valid=False (filtered samples) take part in no statistic and
             get A = 0; their scores are never read (may be NaN).
+        process_group: reinforce only: a ``torch.distributed`` group whose ranks each hold a share of the batch;
+            ``baseline="batch_mean"`` is then the mean over every rank's valid scores (every rank must call).
+            Groups (grpo, rloo) and greedy baselines (remax) are per row or per group: keep a group's rows on
+            one rank; those estimators refuse a group.
     Returns:
         [B] advantages, scores' dtype and device.
     Raises:
         TypeError / ValueError naming the argument: dims/shape/device/dtype mismatch, non-integer group_ids,
         unknown estimator or baseline, eps < 0, non-finite scores/baseline_scores at valid rows, baseline_scores
-        missing for remax or given for another estimator.
+        missing for remax or given for another estimator, process_group given to another estimator than reinforce.
     """
     _checks.float_tensor("scores", scores, ndim=1, dtypes=_SCORE_DTYPES)
     _checks.choice("estimator", estimator, OUTCOME_ESTIMATORS)
+    pg = _dist.check_group(process_group)
+    if pg is not None and estimator != "reinforce":
+        raise ValueError(f"process_group: {estimator!r} has no batch statistic (its baselines are per group or per row: "
+                         "keep a group's rows on one rank and pass None)")
     _checks.choice("baseline", baseline, REINFORCE_BASELINES)
     if baseline != "none" and estimator != "reinforce":
         raise ValueError(f"baseline: only used by estimator='reinforce', got {baseline!r} with {estimator!r}")
@@ -108,7 +117,8 @@ def outcome_advantages(
     r = torch.where(ok, scores.detach().double(), 0.0)
     if estimator == "reinforce":
         if baseline == "batch_mean":
-            r = r - r.sum() / ok.sum().clamp(min=1)
+            total, count = _dist.reduce([r.sum(), ok.sum()], pg)
+            r = r - total / count.clamp(min=1)
         return torch.where(ok, r, 0.0).to(scores.dtype)
     if estimator == "remax":
         _finite_where("baseline_scores", baseline_scores, ok, "valid rows")
@@ -147,6 +157,7 @@ def reinforce_pp_advantages(
     gamma: float = 1.0,
     whiten: bool = True,
     eps: float = 1e-8,
+    process_group=None,
 ) -> Tensor:
     """REINFORCE++ advantages (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs", sec. 3).
 
@@ -166,6 +177,9 @@ def reinforce_pp_advantages(
         gamma: discount in [0, 1].
         whiten: False returns the raw returns G (masked).
         eps: >= 0, added to the std.
+        process_group: a ``torch.distributed`` group whose ranks each hold a share of the batch: the whitening
+            statistics (mean, std, whether all returns are equal) are then over every rank's valid tokens (every
+            rank must call). None: this process's tokens only.
     Returns:
         [B, T] advantages (or returns), token_rewards' dtype; 0 where masked; all zeros if nothing is valid.
     Raises:
@@ -178,6 +192,7 @@ def reinforce_pp_advantages(
         raise TypeError(f"whiten: expected a bool, got {type(whiten).__name__}")
     eps = _eps(eps)
     _finite_where("token_rewards", token_rewards, m, "valid (response_mask) positions")
+    pg = _dist.check_group(process_group)
 
     r = torch.where(m, token_rewards.detach().double(), 0.0)
     if gamma == 1.0:
@@ -193,12 +208,15 @@ def reinforce_pp_advantages(
     ret = torch.where(m, ret, 0.0)
     if not whiten:
         return ret.to(token_rewards.dtype)
-    n = m.sum()
-    mean = ret.sum() / n.clamp(min=1)
+    total, n = _dist.reduce([ret.sum(), m.sum()], pg)
+    mean = total / n.clamp(min=1)
     centered = torch.where(m, ret - mean, 0.0)
-    std = (centered.square().sum() / (n - 1).clamp(min=1)).sqrt()
+    (sq,) = _dist.reduce([centered.square().sum()], pg)
+    std = (sq / (n - 1).clamp(min=1)).sqrt()
     inf = torch.tensor(math.inf, dtype=ret.dtype, device=ret.device)
-    constant = torch.where(m, ret, -inf).amax() <= torch.where(m, ret, inf).amin() if ret.numel() else True
+    hi, neg_lo = _dist.reduce([torch.where(m, ret, -inf).amax(), -torch.where(m, ret, inf).amin()] if ret.numel() else [-inf, -inf],
+                              pg, "max")
+    constant = hi <= -neg_lo
     denom = std + eps
     adv = centered / torch.where(denom > 0, denom, 1.0)
-    return torch.where(m & ~torch.as_tensor(constant, device=m.device), adv, 0.0).to(token_rewards.dtype)
+    return torch.where(m & ~constant, adv, 0.0).to(token_rewards.dtype)

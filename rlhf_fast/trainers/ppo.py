@@ -34,7 +34,7 @@ from ..config import Config, load_config, resume_config_path
 from ..data import PromptSampler, load_prompts
 from ..errors import UserError
 from ..integrations.hf import LMHead, lm_head_params
-from ..models import (TrunkSplit, add_lora, attn_implementation, backbone, bf16_enabled, build_critic, checked_lm_head, compile_enabled,
+from ..models import (TopCopy, TrunkSplit, add_lora, attn_implementation, backbone, bf16_enabled, build_critic, checked_lm_head, compile_enabled,
                       disable_dropout, enable_gradient_checkpointing, eos_ids, frozen_copy, hidden_states, load_causal_lm, load_tokenizer,
                       maybe_compile, resolve_model_path, train_top_layers, unwrap)
 from ..rewards import CombinedReward
@@ -50,14 +50,12 @@ def check_distributed(cfg: Config, world) -> None:
     if p.batch_size % ws or p.minibatch_size % ws or (p.minibatch_size // ws) % p.micro_batch_size:
         raise UserError(f"ppo.batch_size ({p.batch_size}) and ppo.minibatch_size ({p.minibatch_size}) must split evenly over "
                         f"{ws} ranks, and a rank's share of a minibatch into ppo.micro_batch_size ({p.micro_batch_size})")
-    unsupported = [(a.adv_estimator not in ("gae", "grpo", "rloo"), f"algorithm.adv_estimator={a.adv_estimator}"),
-                   (a.policy_update != "ppo", f"algorithm.policy_update={a.policy_update}"),
-                   (a.dynamic_sampling, "algorithm.dynamic_sampling=true"),
-                   (cfg.needs_critic and not cfg.critic.share_backbone, "critic.share_backbone=false")]
+    unsupported = [(a.policy_update != "ppo", f"algorithm.policy_update={a.policy_update}"),
+                   (a.dynamic_sampling, "algorithm.dynamic_sampling=true")]
     for bad, what in unsupported:
         if bad:
-            raise UserError(f"{what} is not supported under torchrun yet (gae, grpo and rloo with PPO updates and a value "
-                            "head on the policy are)")
+            raise UserError(f"{what} is not supported under torchrun yet (every advantage estimator with PPO updates, "
+                            "and any critic, is)")
 
 
 class KLController:
@@ -124,12 +122,12 @@ class RLTrainer(Loop):
         self.data = load_prompts(cfg.data, self.tokenizer, cfg.generation.max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
         # The reference: the LoRA policy with its adapters off; or, when only the top layers train and the bottom can
         # be shared, a frozen copy of the top layers run from the policy's bottom output; else a frozen copy of it all.
-        self.ref, self.split, n_top = None, None, cfg.model.trainable_layers
+        self.ref, self.ref_top, self.split, n_top = None, None, None, cfg.model.trainable_layers
         if (not cfg.model.lora.enabled and n_top and cfg.model.share_frozen_trunk and TrunkSplit.supported(policy)
                 and not compile_enabled(cfg.model.compile, self.device)):
             train_top_layers(policy, n_top)
             self.split = TrunkSplit(backbone(policy), n_top)
-            self.ref_top = self.split.frozen_top_copy()
+            self.ref_top = TopCopy(*self.split.frozen_top_copy())
         self.critic = None  # only GAE reads values: no value head, no critic memory for the other estimators
         if cfg.needs_critic:  # before LoRA wraps the policy: a critic copy takes plain weights
             self.critic = build_critic(policy, cfg.critic, self.tokenizer, self.reward_fn.reward_model_path, self.device, self.split)
@@ -148,10 +146,16 @@ class RLTrainer(Loop):
             raise UserError(f"algorithm.policy_update=trpo: model.policy caps its logits (softcap={head.softcap}), which "
                             "TRPO's Fisher-vector products (ops.linear_fisher_product) do not model; use policy_update=ppo")
         self.eos_ids = eos_ids(self.tokenizer, policy)
-        if self.world.active:  # FSDP2: decoder layers, then the policy's root; the value head its own root
-            distributed.shard(policy, backbone(unwrap(policy)).layers, bf16_params=self.bf16, cpu_offload=cfg.fsdp_cpu_offload)
+        if self.world.active:  # FSDP2: each model's decoder layers, then the model itself, a root of its own
+            kw = dict(bf16_params=self.bf16, cpu_offload=cfg.fsdp_cpu_offload)
+            distributed.shard(policy, backbone(unwrap(policy)).layers, **kw)
+            if self.ref is not None:
+                distributed.shard(self.ref, backbone(self.ref).layers, **kw)
+            if self.split is not None:
+                distributed.shard(self.ref_top, self.ref_top.layers, **kw)
             if self.critic is not None:
-                distributed.shard(self.critic, [], bf16_params=self.bf16, cpu_offload=cfg.fsdp_cpu_offload)
+                c = self.critic
+                distributed.shard(c, c.top_layers if c.top_layers is not None else c.body.layers if c.body is not None else [], **kw)
             seed_everything(cfg.seed + 1000003 * self.world.rank)  # then each rank samples its own responses
         flag = cfg.model.compile
         self.policy_body = maybe_compile(backbone(policy), flag, self.device)
@@ -261,25 +265,29 @@ class RLTrainer(Loop):
             return self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask), ro)
 
     def ref_hidden(self, ro: Rollout) -> Tensor:
-        if self.split is not None:
+        """The reference's response hidden states; under FSDP2 its copies (top or full) run as their own root's forward."""
+        if self.split is not None:  # its own top layers on the shared trunk's output (a module call: FSDP2's root forward)
             with self.autocast():
-                return self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask, *self.ref_top), ro)
+                return self._response_positions(self.ref_top(self.split, self.bottom(ro), ro.attention_mask), ro)
         if self.ref is None:  # LoRA: the reference is the same model with its adapters switched off
             with self.policy.disable_adapter():
                 return self.response_hidden(self.policy_body, ro)
-        return self.response_hidden(self.ref_body, ro)
+        return distributed.in_root(self.ref, self.response_hidden, self.ref_body, ro)
 
     def values(self, policy_hidden: Tensor | None, ro: Rollout) -> Tensor | None:
-        if self.critic is None:
-            return None
-        if self.critic.top_layers is not None:  # the critic's own top layers, from the shared trunk
+        """[B, T] float32 values: the critic's head on the policy's hidden states, its own top layers' (from the shared
+        trunk) or its own body's; under FSDP2 as the critic root's forward."""
+        return None if self.critic is None else distributed.in_root(self.critic, self._values, policy_hidden, ro)
+
+    def _values(self, policy_hidden: Tensor | None, ro: Rollout) -> Tensor:
+        c = self.critic
+        if c.top_layers is not None:  # the critic's own top layers, from the shared trunk
             with self.autocast():
-                h = self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask, self.critic.top_layers,
-                                                            self.critic.top_norm), ro)
+                h = self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask, c.top_layers, c.top_norm), ro)
         else:
             h = policy_hidden if self.critic_body is None else self.response_hidden(self.critic_body, ro)
         with self.fp32():
-            return self.critic(h)
+            return c.value(h)
 
     # ------------------------------------------------------------------------------------------ scoring
 
@@ -316,6 +324,7 @@ class RLTrainer(Loop):
             parts["kl"].append(kl)
         for k, v in parts.items():
             setattr(ro, k, torch.cat(v) if v else None)
+        distributed.reshard(self.ref, self.ref_top)
 
     def sequence_scores(self, ro: Rollout) -> tuple[Tensor, dict[str, float]]:
         """Rewards of the responses, then EOS penalty, clipping and normalisation; raw terms for logging."""
@@ -343,7 +352,8 @@ class RLTrainer(Loop):
     @torch.no_grad()
     def greedy_scores(self, prompts: list) -> Tensor:
         """ReMax's baseline (Li et al. 2023, eq. 6): the shaped score of each prompt's greedy response."""
-        ro = generate(self.policy, self.tokenizer, prompts, self.cfg.generation, self.eos_ids, self.device, self.autocast, greedy=True)
+        ro = generate(self.policy, self.tokenizer, prompts, self.cfg.generation, self.eos_ids, self.device, self.autocast, greedy=True,
+                      **self.sampling())
         raw, _ = self.reward_fn(ro.prompts, ro.responses, ro.messages)
         return self.shape_scores(raw, ro.no_eos)
 
@@ -513,16 +523,6 @@ class RLTrainer(Loop):
         kept.extras = dict(ro.extras, rows=rows)
         return kept, frac
 
-    def whiten(self, x: Tensor, mask: Tensor) -> Tensor:
-        """``ops.masked_whiten`` over every rank's tokens (the mean and unbiased variance of the global batch)."""
-        if not self.world.active:
-            return ops.masked_whiten(x, mask)
-        m = mask.bool()
-        total, n = self.world.sum([float(torch.where(m, x, 0).sum()), float(m.sum())])
-        centered = torch.where(m, x - total / n, 0)
-        var = self.world.sum([float(centered.square().sum())])[0] / (n - 1)
-        return centered * (var + 1e-8) ** -0.5
-
     def advantages(self, ro: Rollout, scores: Tensor) -> None:
         """ro.advantages (and ro.rewards / ro.returns where the estimator has them) from the shaped scores."""
         a, p, mask = self.cfg.algorithm, self.cfg.ppo, ro.response_mask
@@ -531,17 +531,18 @@ class RLTrainer(Loop):
             ro.rewards = token_rewards(scores, ro.kl, mask, beta)
             if a.adv_estimator == "gae":
                 ro.advantages, ro.returns = self.backend.gae(ro.rewards, ro.values, mask, p.gamma, p.lam)
-                if p.whiten_advantages and self.world.sum([float(mask.sum())])[0] > 1:
-                    ro.advantages = self.whiten(ro.advantages, mask)
+                if p.whiten_advantages and self.world.sum([float(mask.sum())])[0] > 1:  # over every rank's tokens
+                    ro.advantages = ops.masked_whiten(ro.advantages, mask, process_group=self.world.process_group)
             else:
-                ro.advantages = ops.reinforce_pp_advantages(ro.rewards, mask, gamma=p.gamma)
+                ro.advantages = ops.reinforce_pp_advantages(ro.rewards, mask, gamma=p.gamma, process_group=self.world.process_group)
             return
         # Outcome estimators: one advantage per response, on its score less the priced KL of the whole response.
         seq = scores - beta * ro.kl.sum(-1)
         baseline = ro.extras.get("baseline_scores")
         if baseline is not None:
             baseline = baseline[ro.extras["rows"]]
-        extra = {"baseline": a.reinforce_baseline} if a.adv_estimator == "reinforce" else {}
+        extra = ({"baseline": a.reinforce_baseline, "process_group": self.world.process_group}  # a batch mean over every rank's
+                 if a.adv_estimator == "reinforce" else {})
         adv = ops.outcome_advantages(seq, ro.group_ids, estimator=a.adv_estimator, norm_adv_by_std=a.norm_adv_by_std,
                                      baseline_scores=baseline, **extra)
         ro.advantages = torch.where(mask, adv.unsqueeze(-1), 0.0)
@@ -637,6 +638,7 @@ class RLTrainer(Loop):
                     kls.append(distributed.in_root(self.policy, self._eval_kl, ro.select(idx), head, ref_head, temp).sum(-1).cpu())
                 lengths.append(ro.response_mask.sum(-1).float().cpu())
                 first = first or (ro.prompts, ro.responses, raw.tolist())
+        distributed.reshard(self.ref, self.ref_top)
         r = torch.cat(rewards)
         k = self.cfg.num_samples_logged
         self.tracker.log_samples(self.iteration, first[0][:k], first[1][:k], first[2][:k], tag="eval")
