@@ -136,6 +136,20 @@ def reshard(*modules) -> None:
             m.reshard()
 
 
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s whole state dict: under FSDP2 gathered from every rank's shards onto the CPU (every rank calls;
+    a tied weight under one name), else the model's own."""
+    from .integrations.hf import _fsdp_unit
+
+    if not _fsdp_unit(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}  # a tied weight under one name
+    return {k: v for k, v in state.items() if k in own}
+
+
 def save_pretrained(model: nn.Module, out, world: World) -> None:
     """``model.save_pretrained(out)`` as one Hugging Face folder: under FSDP2 every rank takes part in gathering the
     full state dict (on the CPU) and rank 0 writes it; a peft model writes its adapter."""
@@ -145,11 +159,7 @@ def save_pretrained(model: nn.Module, out, world: World) -> None:
         if world.main:
             model.save_pretrained(out)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}  # a tied weight under one name
-    state = {k: v for k, v in state.items() if k in own}
+    state = full_state_dict(model)
     if world.main:
         model.save_pretrained(out, state_dict=state)
     dist.barrier()

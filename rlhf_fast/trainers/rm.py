@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import RunConfig
 from ..errors import UserError
 from ..models import (attn_implementation, backbone, disable_dropout, enable_gradient_checkpointing, hidden_states, load_tokenizer,
@@ -150,38 +151,37 @@ def freeze_for(model, train_layers: int | None) -> None:
         body.norm.requires_grad_(True)
 
 
-def save_reward_model(model, tokenizer, names: list[str], weights: list[float], out: str | Path, use_template: bool = True) -> Path:
-    """Write the 1-label classifier whose head is sum_k weights[k] * head_k (plus the separate heads) to ``out``."""
+def save_reward_model(model, tokenizer, names: list[str], weights: list[float], out: str | Path, use_template: bool = True,
+                      world: distributed.World = distributed.World()) -> Path:
+    """Write the 1-label classifier whose head is sum_k weights[k] * head_k (plus the separate heads) to ``out``.
+    Under FSDP2 every rank calls it: the weights are gathered and rank 0 writes."""
     out = Path(out)
-    score = model.score
-    w = torch.tensor(weights, dtype=score.weight.dtype, device=score.weight.device)
-    combined = nn.Linear(score.in_features, 1, bias=score.bias is not None).to(score.weight.device)
-    with torch.no_grad():
-        combined.weight.copy_(w @ score.weight)
-        if score.bias is not None:
-            combined.bias.copy_(w @ score.bias)
-    n_labels = model.config.num_labels
-    model.score, model.num_labels, model.config.num_labels = combined, 1, 1
-    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
-    model.config.pad_token_id = tokenizer.pad_token_id
-    try:
-        model.save_pretrained(out)
-    finally:
-        model.score, model.num_labels, model.config.num_labels = score, n_labels, n_labels
-    saved_tok = tokenizer
-    if not use_template and getattr(tokenizer, "chat_template", None):  # trained on plain text: scorers must not template
-        import copy
+    state = dict(distributed.full_state_dict(model))
+    if world.main:
+        heads = {k: state[f"score.{k}"].detach().cpu() for k in ("weight", "bias") if f"score.{k}" in state}
+        w = torch.tensor(weights, dtype=heads["weight"].dtype)
+        state |= {f"score.{k}": (w @ v).reshape(1, *v.shape[1:]) for k, v in heads.items()}  # the combined head
+        n_labels = model.config.num_labels
+        model.config.num_labels = 1
+        model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+        model.config.pad_token_id = tokenizer.pad_token_id
+        try:
+            model.save_pretrained(out, state_dict=state)
+        finally:
+            model.config.num_labels = n_labels
+        saved_tok = tokenizer
+        if not use_template and getattr(tokenizer, "chat_template", None):  # trained on plain text: scorers must not template
+            import copy
 
-        saved_tok = copy.copy(tokenizer)
-        saved_tok.chat_template = None
-    saved_tok.save_pretrained(out)
-    from safetensors.torch import save_file
+            saved_tok = copy.copy(tokenizer)
+            saved_tok.chat_template = None
+        saved_tok.save_pretrained(out)
+        from safetensors.torch import save_file
 
-    tensors = {"weight": score.weight.detach().cpu().contiguous()}
-    if score.bias is not None:
-        tensors["bias"] = score.bias.detach().cpu().contiguous()
-    save_file(tensors, out / HEADS_FILE)
-    (out / HEADS_JSON).write_text(json.dumps({"names": names, "weights": weights}, indent=1))
+        save_file({k: v.contiguous() for k, v in heads.items()}, out / HEADS_FILE)
+        (out / HEADS_JSON).write_text(json.dumps({"names": names, "weights": weights}, indent=1))
+    if world.active:
+        torch.distributed.barrier()
     return out
 
 
@@ -249,8 +249,6 @@ class RewardModelTrainer(StageTrainer):
     config_class = RMConfig
 
     def setup(self) -> None:
-        if self.world.active:
-            raise UserError("rlhf-fast rm under torchrun is not supported yet: train the reward model in one process")
         cfg, m, d = self.cfg, self.cfg.model, self.cfg.data
         path = resolve_model_path(m.backbone, "model.backbone")
         self.tokenizer = load_tokenizer(path)
@@ -325,8 +323,8 @@ class RewardModelTrainer(StageTrainer):
     def all_scores(self, examples: list[Ranked]) -> list[np.ndarray]:
         self.set_train(False)
         bs, out = self.cfg.train.eval_batch_size, []
-        for s in range(0, len(examples), bs):
-            out += [x.cpu().numpy() for x in self.head_scores(examples[s:s + bs])]
+        for s in range(0, len(examples), bs):  # every rank all of them: FSDP's forwards are collective
+            out += [x.cpu().numpy() for x in distributed.in_root(self.model, self.head_scores, examples[s:s + bs])]
         return out
 
     def evaluate(self) -> dict[str, float]:
@@ -334,13 +332,14 @@ class RewardModelTrainer(StageTrainer):
             return {}
         scores = self.all_scores(self.eval_set)
         metrics, bins = metrics_by_head(scores, self.eval_set, self.head_names, self.head_weights, self.cfg.calibration_bins)
-        plot_reliability(bins, self.run_dir / "reliability.png", f"reward model calibration (step {self.step})")
-        (self.run_dir / "eval_metrics.json").write_text(json.dumps(dict(metrics, step=self.step, calibration_bins=bins), indent=1))
+        if self.world.main:
+            plot_reliability(bins, self.run_dir / "reliability.png", f"reward model calibration (step {self.step})")
+            (self.run_dir / "eval_metrics.json").write_text(json.dumps(dict(metrics, step=self.step, calibration_bins=bins), indent=1))
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def save_final_model(self) -> Path:
         return save_reward_model(self.model, self.tokenizer, self.head_names, self.head_weights, self.run_dir / "final",
-                                 self.cfg.data.chat_template)
+                                 self.cfg.data.chat_template, self.world)
 
 
 def metrics_by_head(scores: list[np.ndarray], examples: list[Ranked], names: list[str], weights: list[float],
