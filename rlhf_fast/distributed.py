@@ -53,12 +53,32 @@ class World:
         return t.tolist()
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``t`` (same shape on each), concatenated along dim 0 in rank order."""
+        """Every rank's ``t`` (same shape on each), concatenated along dim 0 in rank order, on ``t``'s device."""
         if not self.active:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        x = t.to(_collective_device()).contiguous()  # NCCL gathers CUDA tensors only
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts).to(t.device)
+
+    def masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        """The mean of ``x`` where ``mask`` holds, over every rank's entries (0 when there are none)."""
+        total, n = self.sum([float(torch.where(mask, x, 0).sum()), float(mask.sum())])
+        return total / max(n, 1.0)
+
+    def variance(self, x: torch.Tensor) -> float:
+        """The population variance of every rank's entries of ``x`` (two passes over float64; 0 when there are none)."""
+        x = x.double()
+        n, total = self.sum([float(x.numel()), float(x.sum())])
+        return self.sum([float((x - total / n).square().sum())])[0] / n if n else 0.0
+
+    def max(self, value: int) -> int:
+        """The largest of every rank's ``value``."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
 
     def all(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (so that all ranks take the same branch around a collective)."""

@@ -126,3 +126,17 @@ def rank_one_fails_reward(prompts: list[str], responses: list[str]) -> list[floa
     if os.environ.get("RANK") == "1":
         raise RuntimeError("reward service unreachable")
     return letter_reward(prompts, responses)
+
+
+def group_varying_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """letter_reward plus 0.5 per earlier copy of the same prompt in the call, for prompts whose crc32 is odd: with
+    greedy responses (equal within a group) those groups' scores vary and the others' are all equal, so dynamic
+    sampling drops the latter, whichever rank scores the group (a group's copies are scored in one call)."""
+    import zlib
+    from collections import Counter
+
+    seen, out = Counter(), []
+    for p, score in zip(prompts, letter_reward(prompts, responses)):
+        out.append(score + (0.5 * seen[p] if zlib.crc32(p.encode()) % 2 else 0.0))
+        seen[p] += 1
+    return out

@@ -320,6 +320,29 @@ def test_rl_two_ranks_equal_one_process(files, tmp_path, over):
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_rl_dynamic_sampling_two_ranks_equal_one_process(files, tmp_path):
+    """DAPO's dynamic sampling keeps a different number of rows on each rank (none, on one rank, in some iteration):
+    ranks with fewer micro-batches run weight-0 stand-ins so that every rank joins each FSDP collective, and the
+    update is the token mean over every rank's kept rows, as in one process."""
+    over = {"algorithm.adv_estimator": "grpo", "algorithm.dynamic_sampling": True, "generation.n": 2, "ppo.batch_size": 2,
+            "ppo.minibatch_size": 4, "ppo.micro_batch_size": 1, "ppo.iterations": 3, "ppo.ppo_epochs": 2, "eval.every": 3,
+            "save_final_model": True, "reward.sources": [{"spec": "ppo_tiny:group_varying_reward"}],
+            # greedy copies of a response are equal: their advantages cancel, the entropy bonus does not; what is left of the
+            # cancelled terms is rounding noise, which Adam's normalisation would turn into lr-sized steps without a large eps
+            "ppo.entropy_coef": 0.1, "ppo.adam_eps": 1e-3}
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        _rl(world, [((files["policy"], str(out), over), None)], tmp_path)
+        runs[world] = (_rows(out), load_file(out / "final" / "model.safetensors"))
+    (rows1, w1), (rows2, w2) = runs[1], runs[2]
+    kept = [r["groups/kept_frac"] for r in rows2[1:]]
+    assert 0.5 in kept and 1.0 in kept, kept  # one rank kept its group, the other none; and both kept theirs
+    _close(rows2, rows1, 1e-5)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("worlds", [(2, 1), (1, 2)])
 def test_rl_checkpoint_resumes_at_another_world_size(files, tmp_path, worlds):
     """PPO with a separate critic: one iteration at one world size (checkpoint), the second at the other, equals two

@@ -50,12 +50,9 @@ def check_distributed(cfg: Config, world) -> None:
     if p.batch_size % ws or p.minibatch_size % ws or (p.minibatch_size // ws) % p.micro_batch_size:
         raise UserError(f"ppo.batch_size ({p.batch_size}) and ppo.minibatch_size ({p.minibatch_size}) must split evenly over "
                         f"{ws} ranks, and a rank's share of a minibatch into ppo.micro_batch_size ({p.micro_batch_size})")
-    unsupported = [(a.policy_update != "ppo", f"algorithm.policy_update={a.policy_update}"),
-                   (a.dynamic_sampling, "algorithm.dynamic_sampling=true")]
-    for bad, what in unsupported:
-        if bad:
-            raise UserError(f"{what} is not supported under torchrun yet (every advantage estimator with PPO updates, "
-                            "and any critic, is)")
+    if a.policy_update != "ppo":
+        raise UserError(f"algorithm.policy_update={a.policy_update} is not supported under torchrun yet (ppo is, with every "
+                        "advantage estimator and critic)")
 
 
 class KLController:
@@ -75,11 +72,11 @@ def _chunks(idx: Tensor, size: int) -> list[Tensor]:
     return [idx[s:s + size] for s in range(0, len(idx), size)]
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """1 - Var[returns - values] / Var[returns] over response tokens (1 is a perfect critic)."""
-    r, v = returns[mask].double(), values[mask].double()
-    var = r.var(unbiased=False) if r.numel() > 1 else r.new_tensor(0.0)
-    return float("nan") if var == 0 else float(1 - (r - v).var(unbiased=False) / var)
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, world: distributed.World = distributed.World()) -> float:
+    """1 - Var[returns - values] / Var[returns] over response tokens (1 is a perfect critic), over every rank's."""
+    r, v = returns[mask], values[mask]
+    var = world.variance(r)
+    return float("nan") if var == 0 else 1 - world.variance(r.double() - v.double()) / var
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -329,7 +326,8 @@ class RLTrainer(Loop):
     def sequence_scores(self, ro: Rollout) -> tuple[Tensor, dict[str, float]]:
         """Rewards of the responses, then EOS penalty, clipping and normalisation; raw terms for logging."""
         raw, terms = self.reward_fn(ro.prompts, ro.responses, ro.messages)
-        stats = {"reward/mean": raw.mean().item(), "reward/std": raw.std().item() if len(raw) > 1 else 0.0}
+        every = self.world.gather(raw)  # as many rows on every rank
+        stats = {"reward/mean": every.mean().item(), "reward/std": every.std().item() if len(every) > 1 else 0.0}
         if len(terms) > 1:
             stats |= {f"reward/{k}": v.mean().item() for k, v in terms.items()}
         ro.extras["raw_scores"] = raw
@@ -402,18 +400,27 @@ class RLTrainer(Loop):
         ranks, and FSDP averages gradients, hence the factor world size), so accumulated gradients equal the minibatch's."""
         return self.world.shares([float(mask[m].sum()) if self.cfg.ppo.loss_agg == "token-mean" else float(len(m)) for m in micros])
 
-    def update(self, ro: Rollout) -> dict[str, float]:
-        """ppo_epochs x shuffled minibatches; an optimizer step per minibatch, skipped on a non-finite loss/gradient."""
+    def update(self, ro: Rollout, stand_in: Rollout | None = None) -> dict[str, float]:
+        """ppo_epochs x shuffled minibatches; an optimizer step per minibatch, skipped on a non-finite loss/gradient.
+
+        ``stand_in`` (under torchrun, when ranks may hold different numbers of rows: dynamic sampling): a rank with
+        fewer minibatches or micro-batches than another runs this row in their place with weight 0, since FSDP2's
+        gathers and reduce-scatters need every rank in every forward and backward."""
         p = self.cfg.ppo
         sums, total_w, grad_norms = {}, 0.0, []
         mask = ro.response_mask.cpu()  # micro-batch weights index it with CPU permutations: copied once per update
         self.set_train(True)
         for _ in range(p.ppo_epochs):
             perm = torch.randperm(len(ro))
-            for minibatch in _chunks(perm, p.minibatch_size // self.world.size):  # each rank its share of a minibatch
+            minibatches = _chunks(perm, p.minibatch_size // self.world.size)  # each rank its share of a minibatch
+            if stand_in is not None:
+                minibatches += [perm[:0]] * (self.world.max(len(minibatches)) - len(minibatches))
+            for minibatch in minibatches:
                 micros = _chunks(minibatch, p.micro_batch_size)
                 micro_batches = [(w, lambda micro=micro: self.compute_loss(ro.select(micro)))
                                  for micro, w in zip(micros, self._micro_weights(micros, mask))]
+                if stand_in is not None:
+                    micro_batches += [(0.0, lambda: self.compute_loss(stand_in))] * (self.world.max(len(micros)) - len(micros))
                 step_sums, step_w, grad_norm = self.optimizer_step(micro_batches, self.policy_params + self.critic_params, p.max_grad_norm)
                 for k, v in step_sums.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -523,6 +530,15 @@ class RLTrainer(Loop):
         kept.extras = dict(ro.extras, rows=rows)
         return kept, frac
 
+    def stand_in(self, ro: Rollout) -> Rollout | None:
+        """Under torchrun with dynamic sampling, a row the update can run with weight 0 (``update``); else None."""
+        if not (self.world.active and self.cfg.algorithm.dynamic_sampling):
+            return None
+        row = ro.select(torch.arange(1))
+        row.advantages = torch.zeros_like(row.logprobs)
+        row.returns = row.values  # no value loss either
+        return row
+
     def advantages(self, ro: Rollout, scores: Tensor) -> None:
         """ro.advantages (and ro.rewards / ro.returns where the estimator has them) from the shaped scores."""
         a, p, mask = self.cfg.algorithm, self.cfg.ppo, ro.response_mask
@@ -574,13 +590,14 @@ class RLTrainer(Loop):
         finite = self.world.all(all(bool(torch.isfinite(x[mask]).all()) for x in tensors) and bool(torch.isfinite(scores).all()))
         if finite:
             train_ro, metrics["groups/kept_frac"] = self.filter_groups(ro, scores)
-            if len(train_ro):
+            if self.world.sum([float(len(train_ro))])[0]:  # rows kept on any rank (each rank updates, with or without rows)
                 self.advantages(train_ro, scores[train_ro.extras["rows"]])
-                metrics |= self.update(train_ro) if cfg.algorithm.policy_update == "ppo" else self.trpo_update(train_ro)
+                metrics |= (self.update(train_ro, self.stand_in(ro)) if cfg.algorithm.policy_update == "ppo"
+                            else self.trpo_update(train_ro))
                 if self.critic is not None:
                     m = train_ro.response_mask
-                    metrics["value/explained_variance"] = explained_variance(train_ro.values, train_ro.returns, m)
-                    metrics["value/mean"] = float(ops.masked_mean(train_ro.values, m))
+                    metrics["value/explained_variance"] = explained_variance(train_ro.values, train_ro.returns, m, self.world)
+                    metrics["value/mean"] = self.world.masked_mean(train_ro.values, m)
         else:  # a NaN/inf reward, log-prob or value: no update from this batch
             self.skipped_updates += 1
             print(f"iteration {self.iteration + 1}: non-finite rewards/log-probs/values, update skipped "
@@ -589,10 +606,11 @@ class RLTrainer(Loop):
         kl_sum, n_seq = self.world.sum([float(kl_seq.sum()), float(len(ro))])
         self.kl_ctl.update(kl_sum / n_seq, int(n_seq))
         n_tokens = int(mask.sum())
+        all_tokens = self.world.sum([float(n_tokens)])[0]  # throughput: every rank's tokens
         metrics |= {
             "score/mean": float(scores.mean()),
             "kl": float(kl_seq.mean()),  # KL(pi || pi_ref) per response (sum over tokens), the quantity kl_coef prices
-            "kl_per_token": float(ops.masked_mean(ro.kl, mask)),
+            "kl_per_token": self.world.masked_mean(ro.kl, mask),
             "kl_coef": self.kl_ctl.value,
             "response/length": n_tokens / len(ro),
             "response/no_eos_frac": float(ro.no_eos.float().mean()),
@@ -604,8 +622,8 @@ class RLTrainer(Loop):
             "time/score": t_score - t_gen,
             "time/update": t_end - t_score,
             "time/iteration": t_end - t0,
-            "throughput/generate_tokens_per_s": n_tokens / max(t_gen - t0, 1e-9),
-            "throughput/tokens_per_s": n_tokens / max(t_end - t0, 1e-9),
+            "throughput/generate_tokens_per_s": all_tokens / max(t_gen - t0, 1e-9),
+            "throughput/tokens_per_s": all_tokens / max(t_end - t0, 1e-9),
             "memory/peak_mb": peak_memory_mb(self.device),
         }
         k = self.cfg.num_samples_logged
