@@ -116,9 +116,7 @@ def test_two_ranks_equal_one_process(files, tmp_path, kind, over):
     # another order than one process's); the reward model's to 8.9e-7 at one embedding entry of 12288, whose tiny
     # gradient Adam's normalisation turns into an lr-sized step
     _close(rows2, rows1, 1e-6)
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-6 if kind == "rm" else 5e-7, msg=lambda m, k=k: f"{k}: {m}")
+    _close_weights(w2, w1, 2e-6 if kind == "rm" else 5e-7)
 
 
 @pytest.mark.parametrize("worlds", [(2, 1), (1, 2), (2, 2)])
@@ -133,9 +131,7 @@ def test_sharded_checkpoints_resume_at_any_world_size(files, tmp_path, worlds):
     _run(second, "sft", [(_base(files, "sft", cut, **over), str(cut))], tmp_path)
     full_rows, cut_rows = _rows(full), _rows(cut)
     _close(cut_rows[-2:], full_rows[-2:], 1e-6)
-    w_full, w_cut = load_file(full / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
-    for k in w_full:
-        torch.testing.assert_close(w_cut[k], w_full[k], rtol=0, atol=5e-7, msg=lambda m, k=k: f"{k}: {m}")
+    _close_weights(load_file(cut / "final" / "model.safetensors"), load_file(full / "final" / "model.safetensors"), 5e-7)
 
 
 def _two_ranks(args: list[str], rank_one_extra: list[str] = ()) -> list[tuple[int, str]]:
@@ -304,20 +300,30 @@ def test_rl_two_ranks_equal_one_process(files, tmp_path, over):
     reference and a separate critic are sharded like the policy: the run matches one process's on the same batch."""
     over = dict(over, **{"ppo.iterations": 2, "eval.every": 1, "ppo.ppo_epochs": 2, "save_final_model": True})
     over.setdefault("ppo.minibatch_size", over.get("ppo.batch_size", 8) * over.get("generation.n", 1))  # one minibatch: no shuffle
-    runs = {}
-    for world in (1, 2):
-        out = tmp_path / f"w{world}"
-        _rl(world, [((files["policy"], str(out), over), None)], tmp_path)
-        runs[world] = (_rows(out), load_file(out / "final" / "model.safetensors"))
-    (rows1, w1), (rows2, w2) = runs[1], runs[2]
+    (rows1, w1), (rows2, w2) = _rl_one_and_two(files, tmp_path, over)
     assert (tmp_path / "w2" / "config.yaml").read_text().startswith("# world_size: 2")
     for rank in range(2):  # every model is sharded, and the reference's gathered weights were freed after its forwards
         sharded = json.loads((tmp_path / "w2" / f"sharded.{rank}.json").read_text())
         assert all(sharded.values()) and ("ref" in sharded or "ref_top" in sharded), sharded
     assert len(rows1) == 3 and "grad_norm" in rows2[1] and "eval/reward" in rows2[-1]
     _close(rows2, rows1, 1e-5)
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    _close_weights(w2, w1, 1e-6)
+
+
+def _rl_one_and_two(files, tmp_path: Path, over: dict) -> list[tuple[list[dict], dict]]:
+    """(metrics rows, final weights) of the run in one process, then on 2 ranks."""
+    runs = []
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        _rl(world, [((files["policy"], str(out), over), None)], tmp_path)
+        runs.append((_rows(out), load_file(out / "final" / "model.safetensors")))
+    return runs
+
+
+def _close_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_rl_dynamic_sampling_two_ranks_equal_one_process(files, tmp_path):
@@ -330,17 +336,11 @@ def test_rl_dynamic_sampling_two_ranks_equal_one_process(files, tmp_path):
             # greedy copies of a response are equal: their advantages cancel, the entropy bonus does not; what is left of the
             # cancelled terms is rounding noise, which Adam's normalisation would turn into lr-sized steps without a large eps
             "ppo.entropy_coef": 0.1, "ppo.adam_eps": 1e-3}
-    runs = {}
-    for world in (1, 2):
-        out = tmp_path / f"w{world}"
-        _rl(world, [((files["policy"], str(out), over), None)], tmp_path)
-        runs[world] = (_rows(out), load_file(out / "final" / "model.safetensors"))
-    (rows1, w1), (rows2, w2) = runs[1], runs[2]
+    (rows1, w1), (rows2, w2) = _rl_one_and_two(files, tmp_path, over)
     kept = [r["groups/kept_frac"] for r in rows2[1:]]
     assert 0.5 in kept and 1.0 in kept, kept  # one rank kept its group, the other none; and both kept theirs
     _close(rows2, rows1, 1e-5)
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    _close_weights(w2, w1, 1e-6)
 
 
 @pytest.mark.parametrize("worlds", [(2, 1), (1, 2)])

@@ -634,34 +634,42 @@ class RLTrainer(Loop):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean reward (and exact KL to the reference) on held-out prompts, with the same sampling noise every time."""
-        ecfg, cfg = self.cfg.eval, self.cfg
+        """Mean reward (and exact KL to the reference) on held-out prompts, with the same sampling noise every time.
+        Under torchrun each rank samples its share of the prompts (the last shares padded with repeats whose results
+        are dropped: every rank runs as many generate calls, FSDP's forwards being collective); the per-prompt
+        results are gathered."""
+        ecfg, cfg, world = self.cfg.eval, self.cfg, self.world
         prompts = self.data.eval[: ecfg.num_prompts] if ecfg.num_prompts else self.data.eval
         if not prompts:
             return {}
         t0 = time.perf_counter()
+        share = -(-len(prompts) // world.size)
+        mine = prompts[world.rank * share:(world.rank + 1) * share]
+        valid = torch.arange(share) < len(mine)
+        mine += prompts[:share - len(mine)]
         head, ref_head = self.heads()
         temp = ecfg.temperature or cfg.generation.temperature
         rewards, kls, lengths, first = [], [], [], None
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(ecfg.seed)
-            for s in range(0, len(prompts), ecfg.batch_size):
-                chunk = prompts[s:s + ecfg.batch_size]  # every rank all of them (the same samples): FSDP's forwards are collective
+            torch.manual_seed(ecfg.seed + world.rank)
+            for s in range(0, share, ecfg.batch_size):
+                chunk = mine[s:s + ecfg.batch_size]
                 ro = generate(self.policy, self.tokenizer, chunk, cfg.generation, self.eos_ids, self.device, self.autocast,
                               temperature=temp, keep_trunk=self.kept_trunk(chunk), **self.sampling())
                 raw, _ = self.reward_fn(ro.prompts, ro.responses, ro.messages)
-                rewards.append(raw)
+                rewards.append(raw.cpu())
                 for idx in _chunks(torch.arange(len(ro)), cfg.ppo.micro_batch_size):
                     kls.append(distributed.in_root(self.policy, self._eval_kl, ro.select(idx), head, ref_head, temp).sum(-1).cpu())
                 lengths.append(ro.response_mask.sum(-1).float().cpu())
                 first = first or (ro.prompts, ro.responses, raw.tolist())
         distributed.reshard(self.ref, self.ref_top)
-        r = torch.cat(rewards)
+        keep = world.gather(valid)
+        r, kl, length = (world.gather(torch.cat(x))[keep] for x in (rewards, kls, lengths))
         k = self.cfg.num_samples_logged
         self.tracker.log_samples(self.iteration, first[0][:k], first[1][:k], first[2][:k], tag="eval")
         return {"eval/reward": float(r.mean()), "eval/reward_std": float(r.std()) if len(r) > 1 else 0.0,
-                "eval/kl": float(torch.cat(kls).mean()), "eval/response_length": float(torch.cat(lengths).mean()),
+                "eval/kl": float(kl.mean()), "eval/response_length": float(length.mean()),
                 "time/eval": time.perf_counter() - t0}
 
     def _eval_kl(self, mb: Rollout, head: LMHead, ref_head: LMHead, temp: float) -> Tensor:
