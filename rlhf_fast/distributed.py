@@ -121,20 +121,35 @@ def setup(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
     return World(dist.get_rank(), dist.get_world_size(), local), device
 
 
+def _root(model: nn.Module) -> nn.Module:
+    """The module FSDP2 makes the root: a peft model's inner transformers model (peft's ``generate`` and ``forward``
+    call that one's forward, not the wrapper's), else ``model``."""
+    from .models import unwrap
+
+    return unwrap(model)
+
+
 def shard(model: nn.Module, layers: nn.ModuleList, *, bf16_params: bool = False, cpu_offload: bool = False) -> nn.Module:
-    """FSDP2: each of ``layers`` its own unit, then ``model`` (what remains: embeddings, tied head, final norm) the root.
-    ``bf16_params``: forwards in bf16 with fp32 gradient reduction (``MixedPrecisionPolicy``); ``cpu_offload``:
-    parameters, gradients and optimizer state live on the CPU between uses (``CPUOffloadPolicy``)."""
+    """FSDP2: each of ``layers`` its own unit, then ``model`` (what remains: embeddings, tied head, final norm; inside a
+    peft wrapper) the root.
+    ``bf16_params``: forwards in bf16 with fp32 gradient reduction (``MixedPrecisionPolicy``; the root leaves its
+    inputs alone: a rollout's log-probs and advantages stay fp32, and the trainers' autocast picks compute dtypes);
+    ``cpu_offload``: parameters, gradients and optimizer state live on the CPU between uses (``CPUOffloadPolicy``),
+    for a model on a GPU. Raises UserError for ``cpu_offload`` with a model on the CPU."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kw = {}
+    kw, root = {}, {}
     if bf16_params:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        root["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise UserError(f"fsdp_cpu_offload: offloads a GPU run's parameters to the CPU; this run's model is on {device}")
+        kw["offload_policy"] = root["offload_policy"] = CPUOffloadPolicy()
     for layer in layers:
         fully_shard(layer, **kw)
-    fully_shard(model, **kw)
+    fully_shard(_root(model), **root)
     return model
 
 
@@ -143,7 +158,8 @@ def in_root(model: nn.Module, fn, *args):
     reduce-scattered after backward); a plain call otherwise."""
     from .integrations.hf import _as_forward, _fsdp_unit
 
-    return _as_forward(model, fn, *args) if _fsdp_unit(model) else fn(*args)
+    root = _root(model)
+    return _as_forward(root, fn, *args) if _fsdp_unit(root) else fn(*args)
 
 
 def reshard(*modules) -> None:
@@ -152,8 +168,8 @@ def reshard(*modules) -> None:
     from .integrations.hf import _fsdp_unit
 
     for m in modules:
-        if m is not None and _fsdp_unit(m):
-            m.reshard()
+        if m is not None and _fsdp_unit(_root(m)):
+            _root(m).reshard()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -161,7 +177,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     a tied weight under one name), else the model's own."""
     from .integrations.hf import _fsdp_unit
 
-    if not _fsdp_unit(model):
+    if not _fsdp_unit(_root(model)):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -175,7 +191,7 @@ def save_pretrained(model: nn.Module, out, world: World) -> None:
     full state dict (on the CPU) and rank 0 writes it; a peft model writes its adapter."""
     from .integrations.hf import _fsdp_unit
 
-    if not _fsdp_unit(model):
+    if not _fsdp_unit(_root(model)):
         if world.main:
             model.save_pretrained(out)
         return

@@ -76,6 +76,12 @@ def _rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in read_metrics(run_dir)]
 
 
+def _final_weights(run_dir: Path) -> dict:
+    """The final folder's weights: the model's, or a LoRA run's adapter."""
+    final = run_dir / "final" / "model.safetensors"
+    return load_file(final if final.is_file() else final.with_name("adapter_model.safetensors"))
+
+
 def _close(a: list[dict], b: list[dict], tol: float) -> None:
     assert len(a) == len(b) and [r.keys() for r in a] == [r.keys() for r in b]
     for ra, rb in zip(a, b):
@@ -94,8 +100,8 @@ def _base(files, kind: str, out: Path, **over) -> dict:
                     "data.train_file": files[kind if kind != "dpo" else "pairs"]} | over
 
 
-@pytest.mark.parametrize("kind, over", [("sft", {}), ("dpo", {}), ("rm", {}), ("rm", {"model.train_layers": 0})],
-                         ids=["sft", "dpo", "rm", "rm_probe"])
+@pytest.mark.parametrize("kind, over", [("sft", {}), ("dpo", {}), ("dpo", {"model.lora.enabled": True}), ("rm", {}),
+                                        ("rm", {"model.train_layers": 0})], ids=["sft", "dpo", "dpo_lora", "rm", "rm_probe"])
 def test_two_ranks_equal_one_process(files, tmp_path, kind, over):
     """Each rank takes half of every global batch; token-mean normalisation and metrics are global, FSDP2 averages the
     reduce-scattered gradients: losses, grad norms, eval metrics and the final weights match one process's run (the
@@ -105,7 +111,7 @@ def test_two_ranks_equal_one_process(files, tmp_path, kind, over):
     for world in (1, 2):
         out = tmp_path / f"w{world}"
         _run(world, kind, [(_base(files, kind, out, **over), None)], tmp_path)
-        runs[world] = (_rows(out), load_file(out / "final" / "model.safetensors"))
+        runs[world] = (_rows(out), _final_weights(out))
         if kind == "rm":
             runs[world][1].update({f"heads.{k}": v for k, v in load_file(out / "final" / "heads.safetensors").items()})
     (rows1, w1), (rows2, w2) = runs[1], runs[2]
@@ -159,6 +165,14 @@ def test_a_failing_rank_ends_the_job_with_its_rank_named(files, tmp_path):
     (rc0, _), (rc1, err1) = _two_ranks(["sft"] + [f"--{k}={v}" for k, v in bad.items()], ["--data.train_file=/nonexistent.jsonl"])
     assert rc1 == 2 and "error: rank 1 of 2: data.train_file" in err1, err1[-2000:]
     assert rc0 != 0
+
+
+def test_cpu_offload_needs_a_gpu():
+    from rlhf_fast import distributed
+    from rlhf_fast.errors import UserError
+
+    with pytest.raises(UserError, match="fsdp_cpu_offload: offloads a GPU run's parameters to the CPU; this run's model is on cpu"):
+        distributed.shard(torch.nn.Linear(2, 2), torch.nn.ModuleList(), cpu_offload=True)
 
 
 def test_a_reward_that_fails_on_one_rank_ends_the_job(files, tmp_path):
@@ -291,9 +305,14 @@ def _rl(world: int, runs: list, tmp_path: Path) -> None:
     {"model.trainable_layers": 1, "critic.trainable_layers": 1},  # reference and critic: their own top layers on the shared trunk
     {"algorithm.adv_estimator": "grpo", "generation.n": 2, "ppo.batch_size": 4, "algorithm.kl_in": "loss", "ppo.kl_estimator": "k3"},
     {"algorithm.adv_estimator": "reinforce_pp", "model.trainable_layers": 1},
-    {"algorithm.adv_estimator": "reinforce", "algorithm.reinforce_baseline": "batch_mean"},
+    {"algorithm.adv_estimator": "reinforce", "algorithm.reinforce_baseline": "batch_mean", "eval.num_prompts": 3},  # 2 + 1 (+ 1 pad)
     {"algorithm.adv_estimator": "remax", "model.trainable_layers": 1},
-], ids=["ppo", "ppo_full_copies", "ppo_top_copies", "grpo", "reinforce_pp", "reinforce", "remax"])
+    # the reference is the policy with adapters off. The tiny model's rewards are all 0: the entropy bonus and the KL in
+    # the loss give the adapters a gradient (a KL in the rewards would be all the advantages hold, and whitening them
+    # would scale its rounding up), and a large Adam eps keeps rounding-level gradient entries from lr-sized steps
+    {"model.lora.enabled": True, "critic.share_backbone": True, "ppo.entropy_coef": 0.1, "algorithm.kl_in": "loss",
+     "ppo.adam_eps": 1e-4},
+], ids=["ppo", "ppo_full_copies", "ppo_top_copies", "grpo", "reinforce_pp", "reinforce", "remax", "lora"])
 def test_rl_two_ranks_equal_one_process(files, tmp_path, over):
     """Each rank samples half of the prompts (GRPO's groups stay on one rank); advantage whitening (GAE's, REINFORCE++'s),
     the batch-mean baseline, reward moments, the KL controller, token-mean weights and metrics are global; the
@@ -304,7 +323,7 @@ def test_rl_two_ranks_equal_one_process(files, tmp_path, over):
     assert (tmp_path / "w2" / "config.yaml").read_text().startswith("# world_size: 2")
     for rank in range(2):  # every model is sharded, and the reference's gathered weights were freed after its forwards
         sharded = json.loads((tmp_path / "w2" / f"sharded.{rank}.json").read_text())
-        assert all(sharded.values()) and ("ref" in sharded or "ref_top" in sharded), sharded
+        assert all(sharded.values()) and ("ref" in sharded or "ref_top" in sharded or over.get("model.lora.enabled")), sharded
     assert len(rows1) == 3 and "grad_norm" in rows2[1] and "eval/reward" in rows2[-1]
     _close(rows2, rows1, 1e-5)
     _close_weights(w2, w1, 1e-6)
@@ -316,7 +335,7 @@ def _rl_one_and_two(files, tmp_path: Path, over: dict) -> list[tuple[list[dict],
     for world in (1, 2):
         out = tmp_path / f"w{world}"
         _rl(world, [((files["policy"], str(out), over), None)], tmp_path)
-        runs.append((_rows(out), load_file(out / "final" / "model.safetensors")))
+        runs.append((_rows(out), _final_weights(out)))
     return runs
 
 
@@ -324,6 +343,20 @@ def _close_weights(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_rl_bf16_two_ranks_track_one_process(files, tmp_path):
+    """bf16 under FSDP2 (``MixedPrecisionPolicy``: bf16 weights in the forwards, fp32 gradient reduction; the roots leave
+    their inputs alone, so a rollout's fp32 log-probs and advantages are not cast) against bf16 autocast in one process:
+    one iteration agrees to bf16 rounding. Measured: grad norm 2.6e-3 relative, per-token KL terms ~1e-5 absolute,
+    weights 2.1e-3 (about two Adam steps of lr 1e-3 on entries whose tiny gradients change sign under rounding)."""
+    over = {"model.bf16": "true", "model.trainable_layers": 1, "critic.share_backbone": True, "ppo.entropy_coef": 0.1,
+            "algorithm.kl_in": "loss", "ppo.iterations": 1, "eval.every": 1, "ppo.ppo_epochs": 2, "save_final_model": True,
+            "ppo.minibatch_size": 8}
+    (rows1, w1), (rows2, w2) = _rl_one_and_two(files, tmp_path, over)
+    assert rows2[1]["grad_norm"] == pytest.approx(rows1[1]["grad_norm"], rel=1e-2)
+    _close(rows2, rows1, 3e-2)
+    _close_weights(w2, w1, 5e-3)
 
 
 def test_rl_dynamic_sampling_two_ranks_equal_one_process(files, tmp_path):
