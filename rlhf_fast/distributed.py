@@ -29,6 +29,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    mesh: object = None  # the 1-D DeviceMesh of every rank that FSDP2 shards over (None in one process)
 
     @property
     def main(self) -> bool:
@@ -118,7 +119,10 @@ def setup(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    return World(dist.get_rank(), dist.get_world_size(), local), device
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    return World(dist.get_rank(), dist.get_world_size(), local, mesh), device
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -129,16 +133,16 @@ def _root(model: nn.Module) -> nn.Module:
     return unwrap(model)
 
 
-def shard(model: nn.Module, layers: nn.ModuleList, *, bf16_params: bool = False, cpu_offload: bool = False) -> nn.Module:
+def shard(model: nn.Module, layers: nn.ModuleList, *, mesh=None, bf16_params: bool = False, cpu_offload: bool = False) -> nn.Module:
     """FSDP2: each of ``layers`` its own unit, then ``model`` (what remains: embeddings, tied head, final norm; inside a
-    peft wrapper) the root.
+    peft wrapper) the root, over ``mesh`` (``World.mesh``; None: every rank).
     ``bf16_params``: forwards in bf16 with fp32 gradient reduction (``MixedPrecisionPolicy``; the root leaves its
     inputs alone: a rollout's log-probs and advantages stay fp32, and the trainers' autocast picks compute dtypes);
     ``cpu_offload``: parameters, gradients and optimizer state live on the CPU between uses (``CPUOffloadPolicy``),
     for a model on a GPU. Raises UserError for ``cpu_offload`` with a model on the CPU."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kw, root = {}, {}
+    kw, root = {"mesh": mesh}, {"mesh": mesh}
     if bf16_params:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         root["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)

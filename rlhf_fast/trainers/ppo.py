@@ -144,7 +144,7 @@ class RLTrainer(Loop):
                             "TRPO's Fisher-vector products (ops.linear_fisher_product) do not model; use policy_update=ppo")
         self.eos_ids = eos_ids(self.tokenizer, policy)
         if self.world.active:  # FSDP2: each model's decoder layers, then the model itself, a root of its own
-            kw = dict(bf16_params=self.bf16, cpu_offload=cfg.fsdp_cpu_offload)
+            kw = dict(mesh=self.world.mesh, bf16_params=self.bf16, cpu_offload=cfg.fsdp_cpu_offload)
             distributed.shard(policy, backbone(unwrap(policy)).layers, **kw)
             if self.ref is not None:
                 distributed.shard(self.ref, backbone(self.ref).layers, **kw)

@@ -203,7 +203,8 @@ class StageTrainer(Loop):
             from ..models import backbone, unwrap
 
             for m in self.modules.values():
-                distributed.shard(m, backbone(unwrap(m)).layers, bf16_params=self.bf16, cpu_offload=cfg.fsdp_cpu_offload)
+                distributed.shard(m, backbone(unwrap(m)).layers, mesh=self.world.mesh, bf16_params=self.bf16,
+                                  cpu_offload=cfg.fsdp_cpu_offload)
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         if not self.params:
             raise UserError(f"{self.name}: nothing to train (every parameter is frozen)")
