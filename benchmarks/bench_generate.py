@@ -1,5 +1,7 @@
 """Decode speed of the demo's policy (SmolLM2-135M-Instruct) with transformers' ``generate``: dynamic KV cache
-(what rollouts use) vs static cache vs static cache with a compiled forward, against the FLOP floor.
+vs static cache vs static cache with a compiled forward, against the FLOP floor; and with the dynamic cache,
+transformers' multinomial sampling vs drawing by inversion (``rollout.sample_by_inversion``, what rollouts use),
+with each sampler's cost per decode step timed apart on [batch x vocab] scores.
 
 Each variant runs in its own process (compile caches and peak memory stay separate), sampling ``--new`` tokens
 (min = max, so every variant decodes the same number of steps) for ``--batch`` random prompts of ``--prompt``
@@ -8,6 +10,7 @@ FLOP floor: 2 x parameters x batch per decode step (attention over <= 100 positi
 machine's measured fp32 matmul rate (one [batch x H] @ [H x 4H]-shaped GEMM loop, same threads).
 
   python benchmarks/bench_generate.py --variants dynamic,static,static+compile
+  python benchmarks/bench_generate.py --variants dynamic,dynamic+inversion --out benchmarks/results/generate_smollm2_cpu_sampler.json
 """
 from __future__ import annotations
 
@@ -21,7 +24,27 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("dynamic", "static", "static+compile")
+VARIANTS = ("dynamic", "dynamic+inversion", "static", "static+compile")
+
+
+def sampler_costs(batch: int, vocab: int, reps: int = 50) -> dict:
+    """ms per decode step of each way to draw the next tokens from [batch, vocab] scores (median of ``reps``)."""
+    import torch
+
+    from rlhf_fast.rollout import sample_by_inversion
+
+    scores = torch.randn(batch, vocab) * 3
+    out = {}
+    for name, fn in (("multinomial", lambda: torch.multinomial(torch.softmax(scores, -1), 1)),
+                     ("inversion", lambda: sample_by_inversion(scores, 1.0))):
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+        out[name] = statistics.median(times)
+    return out
 
 
 def child(args) -> dict:
@@ -35,17 +58,26 @@ def child(args) -> dict:
     ids = torch.randint(100, 40000, (args.batch, args.prompt))
     kw = dict(do_sample=True, max_new_tokens=args.new, min_new_tokens=args.new, temperature=1.0, top_k=0, top_p=1.0,
               pad_token_id=0)
-    if args.variant != "dynamic":
+    extra = {}
+    if args.variant.startswith("static"):
         kw["cache_implementation"] = "static"
     if args.variant == "static+compile":
         model.forward = torch.compile(model.forward, dynamic=False)
+    if args.variant == "dynamic+inversion":  # greedy search whose logits processor draws the token, as rollouts do
+        from transformers import LogitsProcessorList
+
+        from rlhf_fast.rollout import _InversionSampler
+
+        kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        extra["logits_processor"] = LogitsProcessorList([_InversionSampler(1.0)])
     cfg = GenerationConfig(**kw)
     times = []
     for _ in range(args.reps + 1):
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg, **extra)
         times.append(time.perf_counter() - t)
+    sampler_ms = sampler_costs(args.batch, model.config.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
     h = model.config.hidden_size
     a, b = torch.randn(args.batch * 4, h), torch.randn(h, 4 * h)  # a decode-shaped GEMM: the rate the floor assumes
@@ -58,7 +90,7 @@ def child(args) -> dict:
     floor = 2 * n_params * args.batch / 1e9 / gflops
     return {"variant": args.variant, "first_call_s": times[0], "calls_s": times[1:], "ms_per_step": 1e3 * step,
             "tokens_per_s": args.batch / step, "gemm_gflops": gflops, "floor_ms_per_step": 1e3 * floor,
-            "ratio_to_floor": step / floor, "params": n_params, "threads": torch.get_num_threads(),
+            "ratio_to_floor": step / floor, "sampler_ms_per_step": sampler_ms, "params": n_params, "threads": torch.get_num_threads(),
             "load_average": os.getloadavg()}
 
 
@@ -93,7 +125,7 @@ def main(argv=None) -> int:
         r = results[v] = json.loads(line[7:])
         print(f"{v:15s} first call {r['first_call_s']:6.1f} s, then {r['ms_per_step']:6.1f} ms/step = {r['tokens_per_s']:6.1f} tok/s, "
               f"{r['ratio_to_floor']:.1f}x the FLOP floor ({r['floor_ms_per_step']:.0f} ms at {r['gemm_gflops']:.0f} GFLOP/s), "
-              f"load {r['load_average'][0]:.2f}", flush=True)
+              f"sampler ms/step {r['sampler_ms_per_step']}, load {r['load_average'][0]:.2f}", flush=True)
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     info = {"benchmark": "decode speed of SmolLM2-135M-Instruct with transformers generate (fp32, CPU)",
             "settings": {k: getattr(args, k) for k in ("batch", "prompt", "new", "reps")}, "torch": torch.__version__,

@@ -79,3 +79,21 @@ def test_group_size_finds_runs_of_identical_prompts():
     assert group_size([[1], [2], [1], [2]]) == 1  # not consecutive
     assert group_size([[1], [1], [2]]) == 1  # unequal runs
     assert group_size([[1], [2]]) == 1
+
+
+def test_sampling_by_inversion_draws_the_softmax():
+    """Token frequencies over 200k draws match softmax(scores / T) in float64 (4 standard errors); -inf scores are never
+    drawn; a single finite score is always drawn, the last vocabulary entry included."""
+    from rlhf_fast.rollout import sample_by_inversion
+
+    torch.manual_seed(0)
+    scores = torch.tensor([0.3, -1.2, float("-inf"), 2.0, 0.0, 1.1, -0.4])
+    p = torch.softmax(scores.double() / 0.7, -1)
+    draws = torch.cat([sample_by_inversion(scores.expand(2000, -1), 0.7) for _ in range(100)])
+    freq = torch.bincount(draws, minlength=len(scores)).double() / len(draws)
+    assert freq[2] == 0
+    torch.testing.assert_close(freq, p, rtol=0, atol=float(4 * (p * (1 - p) / len(draws)).sqrt().max()))
+    for hot in (0, 3, 49151):
+        one = torch.full((4, 49152), float("-inf"))
+        one[:, hot] = 5.0
+        assert sample_by_inversion(one, 1.0).tolist() == [hot] * 4
