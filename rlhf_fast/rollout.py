@@ -139,8 +139,8 @@ class _InversionSampler:
 def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[int], device: torch.device,
              autocast, temperature: float | None = None, greedy: bool = False, keep_trunk: nn.Module | None = None,
              share_prefix: bool = True, synced: bool = False) -> Rollout:
-    """Sample one response per prompt with transformers' ``generate`` (KV cache, stops once all rows hit EOS);
-    ``greedy``: the argmax response instead (ReMax's baseline).
+    """Sample one response per prompt with transformers' ``generate`` (KV cache, stops once all rows hit EOS; the
+    untruncated distribution drawn by ``sample_by_inversion``); ``greedy``: the argmax response instead (ReMax's baseline).
 
     ``share_prefix``: prompt tokens that several rows share run once and their KV cache is repeated: with runs of g
     identical prompts (``group_size``, GRPO's samples), each prompt once; else the common prefix (``common_prefix``,
