@@ -177,7 +177,7 @@ class RunConfig:
     save_final_model: bool = True  # the trained model (a LoRA run: its adapter) + tokenizer in output_dir/final
     progress_bar: bool = True
     dist_timeout_s: float = 600.0  # under torchrun: a collective waiting longer fails (a rank that died ends the job)
-    fsdp_cpu_offload: bool = False  # under torchrun: FSDP2 keeps parameters, gradients and optimizer state on the CPU
+    fsdp_cpu_offload: bool = False  # under torchrun on GPUs: FSDP2 keeps parameters, gradients and optimizer state on the CPU
 
 
 @dataclass
