@@ -114,10 +114,16 @@ def recording(module: nn.Module | None):
 
 
 def sample_by_inversion(scores: Tensor, temperature: float) -> Tensor:
-    """[B] token ids drawn from softmax(scores / temperature) over the last dim of [B, V] ``scores``: one uniform per
-    row against the cumulative distribution (float64), so a token of probability 0 (a -inf score) is never drawn.
-    The same distribution as ``torch.multinomial``, which on the CPU draws an exponential variate per vocabulary entry
-    (~20 ms per decode step at 16 x 49152 here, against well under 1 ms for this). Uses the global torch RNG."""
+    """Next tokens drawn from softmax(scores / temperature) by inversion: one uniform per row against the row's
+    cumulative distribution (float64), so a token of probability 0 (a -inf score) is never drawn.
+
+    The same distribution as ``torch.multinomial``, which on the CPU draws an exponential variate per vocabulary entry:
+    24.6 ms per decode step at 16 x 49152 on the development CPU, against 2-4 ms for this (``benchmarks/bench_generate.py``).
+    Uses the global torch RNG.
+
+    Args: scores [B, V] float logits (a row needs one finite entry); temperature > 0.
+    Returns: [B] int64 token ids, scores' device.
+    """
     cdf = torch.softmax(scores.float() / temperature, dim=-1).double().cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
@@ -155,6 +161,8 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     """
     from transformers import GenerationConfig
 
+    if gen_cfg.top_k or gen_cfg.top_p < 1:  # the log-probs are the full softmax's: a truncated sampler is off-policy
+        raise ValueError(f"gen_cfg: top_k={gen_cfg.top_k}, top_p={gen_cfg.top_p}: only the full softmax is sampled")
     seqs = [p.ids for p in prompts]
     prefix = common_prefix(seqs) if share_prefix and len(seqs) > 1 else 0
     prompt_ids, prompt_mask = pad_after_prefix(seqs, tokenizer.pad_token_id, prefix)
@@ -163,22 +171,17 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     # run, its KV cache then repeated g times; else the common prefix of one row, repeated for the batch.
     g = group_size(seqs) if share_prefix else 1
     rows, width, repeat = (slice(None, None, g), prompt_ids.shape[1] - 1, g) if g > 1 else (slice(0, 1), prefix, len(seqs))
-    # Every sampling knob explicit: a model's generation_config.json (e.g. its own top_k) must not leak in,
-    # or the sampling distribution would differ from the one the log-probs are computed under. The untruncated
-    # distribution (top_k 0, top_p 1: what RL samples) is drawn by inversion, as greedy search's logits processor.
-    temp = temperature or gen_cfg.temperature
-    invert = not greedy and not gen_cfg.top_k and gen_cfg.top_p >= 1.0
-    sampling = not greedy and not invert
-    config = GenerationConfig(
-        do_sample=sampling, max_new_tokens=gen_cfg.max_new_tokens, temperature=temp if sampling else None,
-        top_p=gen_cfg.top_p if sampling else None, top_k=gen_cfg.top_k if sampling else None, min_length=0, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, typical_p=1.0, num_beams=1, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-    )
-    processors = {}
-    if invert:
-        from transformers import LogitsProcessorList
+    # Every sampling knob explicit: a model's generation_config.json (e.g. its own top_k) must not leak in, or the
+    # sampling distribution would differ from the one the log-probs are computed under. Greedy search, whose logits
+    # processor draws the token from the full softmax (by inversion) unless ``greedy``.
+    from transformers import LogitsProcessorList
 
-        processors["logits_processor"] = LogitsProcessorList([_InversionSampler(temp)])
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=gen_cfg.max_new_tokens, temperature=None, top_p=None, top_k=None, min_length=0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, num_beams=1, eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+    processors = LogitsProcessorList([] if greedy else [_InversionSampler(temperature or gen_cfg.temperature)])
     was_training = policy.training
     policy.eval()
     with autocast(), recording(keep_trunk) as seen:
@@ -192,7 +195,7 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
             if seen:
                 seen[0] = seen[0].repeat_interleave(repeat, dim=0)
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced,
-                              **cache, **processors)
+                              logits_processor=processors, **cache)
     policy.train(was_training)
     P = prompt_ids.shape[1]
     resp = out[:, P:]

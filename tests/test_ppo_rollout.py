@@ -97,3 +97,13 @@ def test_sampling_by_inversion_draws_the_softmax():
         one = torch.full((4, 49152), float("-inf"))
         one[:, hot] = 5.0
         assert sample_by_inversion(one, 1.0).tolist() == [hot] * 4
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.9)])
+def test_generate_refuses_a_truncated_sampler(top_k, top_p):
+    from types import SimpleNamespace
+
+    from rlhf_fast.rollout import generate
+
+    with pytest.raises(ValueError, match=f"gen_cfg: top_k={top_k}, top_p={top_p}: only the full softmax is sampled"):
+        generate(None, None, [], SimpleNamespace(top_k=top_k, top_p=top_p), [2], torch.device("cpu"), None)
