@@ -123,8 +123,16 @@ def sample_by_inversion(scores: Tensor, temperature: float) -> Tensor:
 
     Args: scores [B, V] float logits (a row needs one finite entry); temperature > 0.
     Returns: [B] int64 token ids, scores' device.
+    Raises: ValueError naming the argument: scores not [B, V] floats, a row with no finite score or a NaN (the
+    distribution is undefined), temperature not > 0.
     """
+    if scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores: expected a [B, V] float tensor, got {scores.dtype} {tuple(scores.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     cdf = torch.softmax(scores.float() / temperature, dim=-1).double().cumsum(-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):  # generate syncs every step anyway (its stopping check)
+        raise ValueError("scores: a row has no finite score, or a NaN: its softmax is undefined")
     u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 

@@ -107,3 +107,17 @@ def test_generate_refuses_a_truncated_sampler(top_k, top_p):
 
     with pytest.raises(ValueError, match=f"gen_cfg: top_k={top_k}, top_p={top_p}: only the full softmax is sampled"):
         generate(None, None, [], SimpleNamespace(top_k=top_k, top_p=top_p), [2], torch.device("cpu"), None)
+
+
+@pytest.mark.parametrize("scores, temperature, match", [
+    (torch.zeros(4), 1.0, r"scores: expected a \[B, V\] float tensor, got torch.float32 \(4,\)"),
+    (torch.zeros(2, 4, dtype=torch.long), 1.0, r"scores: expected a \[B, V\] float tensor, got torch.int64"),
+    (torch.zeros(2, 4), 0.0, r"temperature: expected > 0, got 0.0"),
+    (torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]]), 1.0, "scores: a row has no finite score, or a NaN"),
+    (torch.tensor([[0.0, float("nan")]]), 1.0, "scores: a row has no finite score, or a NaN"),
+])
+def test_sampling_by_inversion_refuses_bad_input(scores, temperature, match):
+    from rlhf_fast.rollout import sample_by_inversion
+
+    with pytest.raises(ValueError, match=match):
+        sample_by_inversion(scores, temperature)
