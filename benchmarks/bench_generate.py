@@ -1,7 +1,8 @@
 """Decode speed of the demo's policy (SmolLM2-135M-Instruct) with transformers' ``generate``: dynamic KV cache
 vs static cache vs static cache with a compiled forward, against the FLOP floor; and with the dynamic cache,
 transformers' multinomial sampling vs drawing by inversion (``rollout.sample_by_inversion``, what rollouts use),
-with each sampler's cost per decode step timed apart on [batch x vocab] scores.
+with each sampler's cost per decode step timed apart on [batch x vocab] scores; and the linear layers on oneDNN-packed
+weights (``rollout.packed_linears``, rollouts' default on the CPU; the copy is made inside each timed call).
 
 Each variant runs in its own process (compile caches and peak memory stay separate), sampling ``--new`` tokens
 (min = max, so every variant decodes the same number of steps) for ``--batch`` random prompts of ``--prompt``
@@ -11,10 +12,12 @@ machine's measured fp32 matmul rate (one [batch x H] @ [H x 4H]-shaped GEMM loop
 
   python benchmarks/bench_generate.py --variants dynamic,static,static+compile
   python benchmarks/bench_generate.py --variants dynamic,dynamic+inversion --out benchmarks/results/generate_smollm2_cpu_sampler.json
+  python benchmarks/bench_generate.py --variants dynamic+inversion,dynamic+inversion+packed --out benchmarks/results/generate_smollm2_cpu_packed.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("dynamic", "dynamic+inversion", "static", "static+compile")
+VARIANTS = ("dynamic", "dynamic+inversion", "dynamic+inversion+packed", "static", "static+compile")
 
 
 def sampler_costs(batch: int, vocab: int, reps: int = 50) -> dict:
@@ -52,6 +55,7 @@ def child(args) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from rlhf_fast.models import smollm2_path
+    from rlhf_fast.rollout import packed_linears
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -63,7 +67,7 @@ def child(args) -> dict:
         kw["cache_implementation"] = "static"
     if args.variant == "static+compile":
         model.forward = torch.compile(model.forward, dynamic=False)
-    if args.variant == "dynamic+inversion":  # greedy search whose logits processor draws the token, as rollouts do
+    if args.variant.startswith("dynamic+inversion"):  # greedy search whose logits processor draws the token, as rollouts do
         from transformers import LogitsProcessorList
 
         from rlhf_fast.rollout import _InversionSampler
@@ -71,10 +75,11 @@ def child(args) -> dict:
         kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         extra["logits_processor"] = LogitsProcessorList([_InversionSampler(1.0)])
     cfg = GenerationConfig(**kw)
+    packed = args.variant.endswith("+packed")  # oneDNN-packed linear weights, copied at each call as rollouts do
     times = []
     for _ in range(args.reps + 1):
         t = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), packed_linears(model, args.batch) if packed else contextlib.nullcontext():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg, **extra)
         times.append(time.perf_counter() - t)
     sampler_ms = sampler_costs(args.batch, model.config.vocab_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -309,12 +310,18 @@ class TrunkSplit:
         body = backbone(model)
         return unwrap(model).config.model_type in SPLIT_MODEL_TYPES and isinstance(getattr(body, "layers", None), nn.ModuleList)
 
-    def _run(self, layers, norm, **kwargs) -> torch.Tensor:
+    def _run(self, layers, norm, cache=None, **kwargs):
+        """The body's forward with ``layers``/``norm`` swapped in: its last hidden states; with ``cache`` (True: a new
+        one) also the KV cache, (hidden, cache)."""
         body = self.body
         saved = body.layers, body.norm
         body.layers, body.norm = nn.ModuleList(layers), norm
         try:
-            return body(use_cache=False, **kwargs).last_hidden_state
+            if cache is None:
+                return body(use_cache=False, **kwargs).last_hidden_state
+            name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"  # renamed in 5.2x
+            out = body(use_cache=True, **{name: None if cache is True else cache}, **kwargs)
+            return out.last_hidden_state, out[name]
         finally:
             body.layers, body.norm = saved
 
@@ -324,11 +331,30 @@ class TrunkSplit:
                          position_ids=position_ids(attention_mask))
 
     def top(self, bottom: torch.Tensor, attention_mask: torch.Tensor, layers: nn.ModuleList | None = None,
-            norm: nn.Module | None = None) -> torch.Tensor:
-        """[B, S, H] last hidden states from the bottom's output through ``layers`` + ``norm`` (default: the body's own)."""
+            norm: nn.Module | None = None, prefix: int = 0) -> torch.Tensor:
+        """[B, S, H] last hidden states from the bottom's output through ``layers`` + ``norm`` (default: the body's own).
+
+        ``prefix``: the first columns are the same in every row (the same tokens, all attended: ``Rollout.prefix_len``,
+        a chat template's system prompt). They then run through the layers once, as one row whose keys and values
+        every row attends to (their gradients summed over the rows, as the rows' own copies' would be); the rest runs
+        with an explicit causal and padding mask. The same result to float rounding. Only for sdpa attention without
+        sliding windows; otherwise, and for one row, ``prefix`` is ignored.
+        """
         layers = list(self.body.layers)[self.k:] if layers is None else list(layers)
-        return self._run(layers, self.body.norm if norm is None else norm, inputs_embeds=bottom, attention_mask=attention_mask,
-                         position_ids=position_ids(attention_mask))
+        norm = self.body.norm if norm is None else norm
+        pos = position_ids(attention_mask)
+        (B, S), c = attention_mask.shape, self.body.config
+        windowed = getattr(c, "sliding_window", None) is not None and getattr(c, "use_sliding_window", True)
+        if not (0 < prefix < S and B > 1 and c._attn_implementation == "sdpa" and not windowed):
+            return self._run(layers, norm, inputs_embeds=bottom, attention_mask=attention_mask, position_ids=pos)
+        head, cache = self._run(layers, norm, cache=True, inputs_embeds=bottom[:1, :prefix], attention_mask=attention_mask[:1, :prefix],
+                                position_ids=pos[:1, :prefix])
+        cache.batch_repeat_interleave(B)
+        cols = torch.arange(S, device=attention_mask.device)
+        causal = cols <= cols[prefix:, None]  # [S - prefix, S]: query column prefix + i sees columns <= prefix + i
+        mask = (causal & attention_mask[:, None, :].bool()).unsqueeze(1)  # [B, 1, S - prefix, S], True: attended
+        rest, _ = self._run(layers, norm, cache=cache, inputs_embeds=bottom[:, prefix:], attention_mask=mask, position_ids=pos[:, prefix:])
+        return torch.cat([head.expand(B, -1, -1), rest], dim=1)
 
     def boundary(self) -> nn.Module:
         """The module whose output is the bottom's output (the last frozen layer, or the embedding when none is)."""
@@ -348,9 +374,9 @@ class TopCopy(nn.Module):
         super().__init__()
         self.layers, self.norm = layers, norm
 
-    def forward(self, split: TrunkSplit, bottom: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, S, H] last hidden states from ``split``'s bottom output through these layers and norm."""
-        return split.top(bottom, attention_mask, self.layers, self.norm)
+    def forward(self, split: TrunkSplit, bottom: torch.Tensor, attention_mask: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+        """[B, S, H] last hidden states from ``split``'s bottom output through these layers and norm (``TrunkSplit.top``)."""
+        return split.top(bottom, attention_mask, self.layers, self.norm, prefix)
 
 
 class Critic(nn.Module):

@@ -193,7 +193,7 @@ class Pipeline:
         eos = eos_ids(tokenizer, policy, "policy")
         for s in range(0, len(prompts), batch_size):
             ro = generate(policy, tokenizer, prompts[s:s + batch_size], self.cfg.ppo.generation, eos, self.device,
-                          autocast or _no_autocast)
+                          autocast or _no_autocast, packed=self.cfg.ppo.generation.packed_weights)
             out += ro.responses
         return out
 

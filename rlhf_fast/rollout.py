@@ -8,8 +8,9 @@ sits at column P + t and is predicted from the hidden state at column P + t - 1,
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,7 @@ class Rollout:
     prompt_len: int  # P
     response_mask: Tensor  # [B, T] bool: tokens up to and including the first EOS
     no_eos: Tensor  # [B] bool: the response hit max_new_tokens without EOS
+    prefix_len: int = 0  # the first columns hold the same tokens in every row, all attended (pad_after_prefix)
     group_ids: Tensor | None = None  # [B] int64: responses to the same prompt share an id (generation.n of them)
     # filled by scoring (all [B, T] float32 unless noted)
     logprobs: Tensor | None = None
@@ -40,6 +42,7 @@ class Rollout:
     advantages: Tensor | None = None
     returns: Tensor | None = None
     trunk_hidden: Tensor | None = None  # [B, P + T, H] output of the policy's frozen bottom layers (models.TrunkSplit)
+    last_hidden: Tensor | None = None  # [B, P + T, H] the policy's last hidden states (final norm) while sampling
     extras: dict = field(default_factory=dict)
     messages: list[list[dict]] | None = None  # each prompt's whole chat (system prompt included), for reward models
 
@@ -113,6 +116,41 @@ def recording(module: nn.Module | None):
             handle.remove()
 
 
+def _packed_forward(m: nn.Linear, packed: Tensor, x: Tensor) -> Tensor:
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32:
+        return nn.Linear.forward(m, x)  # oneDNN's op has no autograd formula; autocast wants its own dtype
+    return torch.ops.mkldnn._linear_pointwise(x, packed, m.bias, "none", [], "")
+
+
+@contextmanager
+def packed_linears(model: nn.Module, rows: int):
+    """While open, every fp32 CPU ``nn.Linear`` of ``model`` multiplies by a copy of its weight reordered once into
+    oneDNN's blocked layout, instead of MKL's sgemm repacking the weight on each call, which dominates at a decode
+    step's few rows (``benchmarks/bench_generate.py``, variant ``dynamic+inversion+packed``). For inference: a call
+    with grad enabled, under autocast or on non-fp32 input takes the module's own forward.
+
+    ``rows``: the expected rows per call (a layout hint; any count works). Outputs equal ``F.linear``'s to fp32
+    rounding (another summation order). The copies (one per distinct weight) are made on entry and freed on exit:
+    the weights change between rollouts. Modules on another device or dtype, sharded ones (DTensor, FSDP2) and
+    builds without oneDNN are left alone. Not thread-safe (forwards are swapped on the modules).
+    """
+    mkldnn = torch.ops.mkldnn
+    patched, copies = [], {}
+    if torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight"):
+        for m in model.modules():
+            w = m.weight if type(m) is nn.Linear else None
+            if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and type(w.data) is Tensor:
+                if id(w) not in copies:  # tied weights are copied once
+                    copies[id(w)] = mkldnn._reorder_linear_weight(w.detach(), rows)
+                m.forward = partial(_packed_forward, m, copies[id(w)])  # an instance attribute shadows the class's
+                patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 def sample_by_inversion(scores: Tensor, temperature: float) -> Tensor:
     """Next tokens drawn from softmax(scores / temperature) by inversion: one uniform per row against the row's
     cumulative distribution (float64), so a token of probability 0 (a -inf score) is never drawn.
@@ -152,7 +190,7 @@ class _InversionSampler:
 @torch.no_grad()
 def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[int], device: torch.device,
              autocast, temperature: float | None = None, greedy: bool = False, keep_trunk: nn.Module | None = None,
-             share_prefix: bool = True, synced: bool = False) -> Rollout:
+             keep_last: nn.Module | None = None, share_prefix: bool = True, synced: bool = False, packed: bool = False) -> Rollout:
     """Sample one response per prompt with transformers' ``generate`` (KV cache, stops once all rows hit EOS; the
     untruncated distribution drawn by ``sample_by_inversion``); ``greedy``: the argmax response instead (ReMax's baseline).
 
@@ -160,12 +198,16 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     identical prompts (``group_size``, GRPO's samples), each prompt once; else the common prefix (``common_prefix``,
     a chat template's system prompt) once. The distribution sampled is the same, up to float rounding.
     ``synced``: every rank of a sharded (FSDP2) policy keeps running forwards until all ranks are done.
+    ``packed``: the policy's fp32 CPU linear layers run on oneDNN-packed weight copies (``packed_linears``): the
+    same distribution to fp32 rounding, a faster decode on the CPU; ignored elsewhere.
 
     ``keep_trunk``: a module inside the policy (the last layer of its frozen bottom, ``models.TrunkSplit.boundary``)
     whose outputs, which sampling computes anyway, become ``trunk_hidden`` [B, P + T, H], so scoring need not run the
     bottom again. The KV-cached decode computes them a column at a time rather than in one causal pass: they equal
     the full forward's up to float rounding. The last response token is never fed back, so the last column is zeros:
     it feeds no other position (causal attention) and no score reads its output.
+    ``keep_last``: likewise for the policy's final norm, whose outputs become ``last_hidden``: the policy's hidden
+    states for scoring (log-probs, values) at the weights that sampled, without another forward.
     """
     from transformers import GenerationConfig
 
@@ -192,7 +234,8 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     processors = LogitsProcessorList([] if greedy else [_InversionSampler(temperature or gen_cfg.temperature)])
     was_training = policy.training
     policy.eval()
-    with autocast(), recording(keep_trunk) as seen:
+    with autocast(), recording(keep_trunk) as seen, recording(keep_last) as seen_last, \
+            (packed_linears(policy, len(seqs)) if packed else nullcontext()):
         cache = {}
         if width:  # transformers' generate feeds only the columns past the cache's length
             m = prompt_mask[rows, :width]  # positions count attended tokens, as generate counts them (padding may precede)
@@ -200,8 +243,9 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
             name = "cache" if "cache" in head else "past_key_values"  # renamed in transformers 5.2x
             head[name].batch_repeat_interleave(repeat)
             cache[name] = head[name]
-            if seen:
-                seen[0] = seen[0].repeat_interleave(repeat, dim=0)
+            for kept in (seen, seen_last):
+                if kept:
+                    kept[0] = kept[0].repeat_interleave(repeat, dim=0)
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced,
                               logits_processor=processors, **cache)
     policy.train(was_training)
@@ -214,14 +258,21 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     has_eos = torch.isin(resp, torch.tensor(eos_ids, device=device)) & mask
     no_eos = ~has_eos.any(-1)
     texts = tokenizer.batch_decode(torch.where(has_eos, tokenizer.pad_token_id, resp).tolist(), skip_special_tokens=True)
-    trunk = torch.cat(seen, dim=1)[:, :P + T - 1] if seen else None  # columns 0 .. P+T-2
     return Rollout(
-        trunk_hidden=None if trunk is None else torch.cat([trunk, trunk.new_zeros(trunk.shape[0], 1, trunk.shape[2])], dim=1),
+        trunk_hidden=_columns(seen, P + T), last_hidden=_columns(seen_last, P + T),
         prompts=[p.text for p in prompts], responses=texts,
         messages=[p.messages or [dict(role="user", content=p.text)] for p in prompts],
         input_ids=torch.cat([prompt_ids, resp], dim=1), attention_mask=torch.cat([prompt_mask, mask.long()], dim=1),
-        prompt_len=P, response_mask=mask, no_eos=no_eos,
+        prompt_len=P, prefix_len=prefix, response_mask=mask, no_eos=no_eos,
     )
+
+
+def _columns(seen: list[Tensor], n: int) -> Tensor | None:
+    """[B, n, H] from a recording's outputs: columns 0 .. n-2 as recorded, the last (never fed back) zeros."""
+    if not seen:
+        return None
+    h = torch.cat(seen, dim=1)[:, :n - 1]
+    return torch.cat([h, h.new_zeros(h.shape[0], 1, h.shape[2])], dim=1)
 
 
 def token_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float) -> Tensor:

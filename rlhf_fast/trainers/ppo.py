@@ -233,7 +233,8 @@ class RLTrainer(Loop):
     def sampling(self) -> dict:
         """``rollout.generate``'s options: under torchrun every rank runs the same number of forwards (transformers'
         ``synced_gpus``) and no shared-prefix forward, whose presence depends on the rank's prompts."""
-        return dict(share_prefix=self.cfg.generation.share_prefix and not self.world.active, synced=self.world.active)
+        g = self.cfg.generation
+        return dict(share_prefix=g.share_prefix and not self.world.active, synced=self.world.active, packed=g.packed_weights)
 
     def kept_trunk(self, prompts: list):
         """The module whose output sampling keeps as the rollout's ``trunk_hidden`` (``rollout.generate``): the shared
@@ -243,6 +244,22 @@ class RLTrainer(Loop):
             return None
         columns = max(len(p.ids) for p in prompts) + self.cfg.generation.max_new_tokens
         return self.split.boundary() if self.trunk_fits(len(prompts) * columns) else None
+
+    def kept_last(self, prompts: list):
+        """The policy's final norm, whose outputs sampling keeps as the rollout's ``last_hidden``, so that scoring and
+        the evaluation's KL read the policy's hidden states without another forward of it: with
+        ``generation.keep_hidden`` and ``keep_last_hidden``, in one process (FSDP2's root forward must run), while it
+        fits ``model.trunk_cache_mb``. They equal a fresh forward's to fp32 rounding (KV-cached decode, packed
+        weights), so the policy's log-probs and the reference's differ by ~1e-7 (not 0) while the weights are equal."""
+        norm = getattr(backbone(self.policy), "norm", None)
+        if not (self.keep_hidden and self.cfg.generation.keep_last_hidden) or self.world.active or not isinstance(norm, torch.nn.Module):
+            return None
+        columns = max(len(p.ids) for p in prompts) + self.cfg.generation.max_new_tokens
+        return norm if self.trunk_fits(len(prompts) * columns) else None
+
+    def sampled_hidden(self, ro: Rollout) -> Tensor:
+        """The policy's response hidden states: those sampling kept (``ro.last_hidden``), else a forward."""
+        return self.policy_hidden(ro) if ro.last_hidden is None else self._response_positions(ro.last_hidden, ro)
 
     def trunk_fits(self, positions: int) -> bool:
         """Whether the bottom's fp32 output for ``positions`` token positions fits ``model.trunk_cache_mb``."""
@@ -259,13 +276,13 @@ class RLTrainer(Loop):
         if self.split is None:
             return self.response_hidden(self.policy_body, ro)
         with self.autocast():
-            return self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask), ro)
+            return self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask, prefix=ro.prefix_len), ro)
 
     def ref_hidden(self, ro: Rollout) -> Tensor:
         """The reference's response hidden states; under FSDP2 its copies (top or full) run as their own root's forward."""
         if self.split is not None:  # its own top layers on the shared trunk's output (a module call: FSDP2's root forward)
             with self.autocast():
-                return self._response_positions(self.ref_top(self.split, self.bottom(ro), ro.attention_mask), ro)
+                return self._response_positions(self.ref_top(self.split, self.bottom(ro), ro.attention_mask, ro.prefix_len), ro)
         if self.ref is None:  # LoRA: the reference is the same model with its adapters switched off
             with self.policy.disable_adapter():
                 return self.response_hidden(self.policy_body, ro)
@@ -280,7 +297,7 @@ class RLTrainer(Loop):
         c = self.critic
         if c.top_layers is not None:  # the critic's own top layers, from the shared trunk
             with self.autocast():
-                h = self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask, c.top_layers, c.top_norm), ro)
+                h = self._response_positions(self.split.top(self.bottom(ro), ro.attention_mask, c.top_layers, c.top_norm, ro.prefix_len), ro)
         else:
             h = policy_hidden if self.critic_body is None else self.response_hidden(self.critic_body, ro)
         with self.fp32():
@@ -299,7 +316,7 @@ class RLTrainer(Loop):
 
         def micro(mb: Rollout) -> tuple[Tensor, ...]:  # the policy's root forward under FSDP2 (distributed.in_root)
             labels = mb.labels
-            h, rh = self.policy_hidden(mb), self.ref_hidden(mb)
+            h, rh = self.sampled_hidden(mb), self.ref_hidden(mb)
             with self.fp32():
                 lp = self.backend.logprobs(h, weight, labels, temp, **tf)
                 ref_lp = self.backend.logprobs(rh, ref_weight, labels, temp, **tf)
@@ -321,6 +338,7 @@ class RLTrainer(Loop):
             parts["kl"].append(kl)
         for k, v in parts.items():
             setattr(ro, k, torch.cat(v) if v else None)
+        ro.last_hidden = None  # the update's forwards need gradients (and the weights move)
         distributed.reshard(self.ref, self.ref_top)
 
     def sequence_scores(self, ro: Rollout) -> tuple[Tensor, dict[str, float]]:
@@ -574,7 +592,7 @@ class RLTrainer(Loop):
         batch = batch[self.world.rank * share:(self.world.rank + 1) * share]
         prompts = [q for q in batch for _ in range(n)]
         ro = generate(self.policy, self.tokenizer, prompts, cfg.generation, self.eos_ids, self.device, self.autocast, keep_trunk=self.kept_trunk(prompts),
-                      **self.sampling())
+                      keep_last=self.kept_last(prompts), **self.sampling())
         ro.group_ids = torch.arange(len(batch), device=self.device).repeat_interleave(n)
         t_gen = time.perf_counter()
         self.score(ro)
@@ -656,7 +674,7 @@ class RLTrainer(Loop):
             for s in range(0, share, ecfg.batch_size):
                 chunk = mine[s:s + ecfg.batch_size]
                 ro = generate(self.policy, self.tokenizer, chunk, cfg.generation, self.eos_ids, self.device, self.autocast,
-                              temperature=temp, keep_trunk=self.kept_trunk(chunk), **self.sampling())
+                              temperature=temp, keep_trunk=self.kept_trunk(chunk), keep_last=self.kept_last(chunk), **self.sampling())
                 raw, _ = self.reward_fn(ro.prompts, ro.responses, ro.messages)
                 rewards.append(raw.cpu())
                 for idx in _chunks(torch.arange(len(ro)), cfg.ppo.micro_batch_size):
@@ -673,7 +691,7 @@ class RLTrainer(Loop):
                 "time/eval": time.perf_counter() - t0}
 
     def _eval_kl(self, mb: Rollout, head: LMHead, ref_head: LMHead, temp: float) -> Tensor:
-        h, rh = self.policy_hidden(mb), self.ref_hidden(mb)
+        h, rh = self.sampled_hidden(mb), self.ref_hidden(mb)
         with self.fp32():
             return self.backend.kl(h, head.weight, rh, ref_head.weight, mb.labels, temp, logit_scale=head.logit_scale, softcap=head.softcap)
 
