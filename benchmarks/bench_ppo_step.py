@@ -41,11 +41,13 @@ VARIANTS = {  # name -> config overrides (on top of the command line's)
     "eager": {"kernels": "eager"},  # full-logits PyTorch (rlhf_fast.ops.reference)
     # top layers train; a separate critic trains the same top layers (critic.trainable_layers; dropped with --share-critic)
     "today": {"model.trainable_layers": TOP, "critic.trainable_layers": TOP, "model.share_frozen_trunk": False,
-              "generation.share_prefix": False, "generation.packed_weights": False},  # deep copies, full forwards, every prompt token per row
+              "generation.share_prefix": False, "generation.packed_weights": False,
+              "generation.keep_last_hidden": False},  # deep copies, full forwards, every prompt token per row
     "shared": {"model.trainable_layers": TOP, "critic.trainable_layers": TOP, "model.share_frozen_trunk": True,
                "generation.keep_hidden": "false", "generation.share_prefix": False,
                "generation.packed_weights": False},  # the frozen bottom shared, run once per scoring micro-batch
-    # + bottom kept from sampling, prefix once, packed decode weights on the CPU
+    # + the bottom's output and the policy's last hidden states kept from sampling, the shared prompt prefix once
+    # (sampling and the top layers), packed decode weights on the CPU
     "lean": {"model.trainable_layers": TOP, "critic.trainable_layers": TOP, "model.share_frozen_trunk": True},
     "full": {},
     "top": {"model.trainable_layers": TOP},
