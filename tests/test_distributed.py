@@ -271,7 +271,9 @@ def _rl_worker(rank: int, world: int, port: int, runs: list, err_file: str) -> N
 
 def _rl_runs(runs: list) -> None:
     """Greedy responses: the rollout of a prompt is then the same whichever rank samples it, so one process and two
-    ranks train on the same global batch (sampled responses would differ with each rank's random stream)."""
+    ranks train on the same global batch (sampled responses would differ with each rank's random stream). What only
+    one process does (the policy's last hidden states kept from sampling, packed decode weights) is off in every run:
+    its rounding is tested apart (test_ppo.py), and Adam's first steps would amplify it past these tolerances."""
     import functools
 
     from ppo_tiny import tiny_config
@@ -282,7 +284,8 @@ def _rl_runs(runs: list) -> None:
     ppo.generate = functools.partial(generate, greedy=True)
     try:
         for (policy, out, over), resume in runs:
-            trainer = ppo.RLTrainer(tiny_config(policy, Path(out), **over), resume=resume)
+            one_process_only = {"generation.keep_last_hidden": False, "generation.packed_weights": False}
+            trainer = ppo.RLTrainer(tiny_config(policy, Path(out), **over, **one_process_only), resume=resume)
             trainer.train()
             if dist.is_initialized():  # which models hold only shards of their weights now, after the run
                 models = {k: getattr(trainer, k) for k in ("policy", "ref", "ref_top", "critic") if getattr(trainer, k) is not None}
