@@ -92,8 +92,8 @@ class GenerationConfig:
     # run the bottom layers again. auto: in fp32, where it equals a fresh forward's to fp32 rounding; not under bf16,
     # where the KV-cached decode and the full forward differ by bf16 rounding
     keep_hidden: str = "auto"
-    # with keep_hidden: also keep the policy's last hidden states, so that scoring (old log-probs, values, KL) and the
-    # evaluation's KL run no policy forward; they equal a fresh forward's to fp32 rounding (~1e-7 in the log-probs)
+    # with keep_hidden: also keep the policy's last hidden states and take the sampler's log-probs as the old ones, so
+    # that scoring and the evaluation's KL run no policy forward; equal to a fresh forward's to fp32 rounding (~1e-7)
     keep_last_hidden: bool = True
     share_prefix: bool = True  # the prompts' common token prefix (a chat template's system prompt) is encoded once per batch
     # on the CPU, sample with the policy's fp32 linear layers on oneDNN-packed weight copies (rollout.packed_linears):

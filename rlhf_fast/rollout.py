@@ -43,6 +43,7 @@ class Rollout:
     returns: Tensor | None = None
     trunk_hidden: Tensor | None = None  # [B, P + T, H] output of the policy's frozen bottom layers (models.TrunkSplit)
     last_hidden: Tensor | None = None  # [B, P + T, H] the policy's last hidden states (final norm) while sampling
+    sampled_logprobs: Tensor | None = None  # [B, T] float32: each drawn token's log-prob under the sampler (0 outside the mask)
     extras: dict = field(default_factory=dict)
     messages: list[list[dict]] | None = None  # each prompt's whole chat (system prompt included), for reward models
 
@@ -177,13 +178,16 @@ def sample_by_inversion(scores: Tensor, temperature: float) -> Tensor:
 
 class _InversionSampler:
     """A logits processor for transformers' greedy search that samples: every score but the drawn token's becomes -inf
-    (``sample_by_inversion``), which the argmax then picks."""
+    (``sample_by_inversion``), which the argmax then picks. Keeps each step's [B] log-probs of the drawn tokens
+    under softmax(scores / temperature) in ``logprobs``."""
 
     def __init__(self, temperature: float):
-        self.temperature = temperature
+        self.temperature, self.logprobs = temperature, []
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         token = sample_by_inversion(scores, self.temperature)
+        x = scores.float() / self.temperature
+        self.logprobs.append(x.gather(1, token.unsqueeze(1)).squeeze(1) - x.logsumexp(-1))
         return torch.full_like(scores, float("-inf")).scatter_(1, token.unsqueeze(1), 0.0)
 
 
@@ -207,7 +211,8 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     the full forward's up to float rounding. The last response token is never fed back, so the last column is zeros:
     it feeds no other position (causal attention) and no score reads its output.
     ``keep_last``: likewise for the policy's final norm, whose outputs become ``last_hidden``: the policy's hidden
-    states for scoring (log-probs, values) at the weights that sampled, without another forward.
+    states for scoring (log-probs, values) at the weights that sampled, without another forward. Sampling also
+    returns each drawn token's log-prob (``sampled_logprobs``, unless ``greedy``), from the scores it drew from.
     """
     from transformers import GenerationConfig
 
@@ -231,7 +236,8 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
         repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, num_beams=1, eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
-    processors = LogitsProcessorList([] if greedy else [_InversionSampler(temperature or gen_cfg.temperature)])
+    sampler = None if greedy else _InversionSampler(temperature or gen_cfg.temperature)
+    processors = LogitsProcessorList([] if sampler is None else [sampler])
     was_training = policy.training
     policy.eval()
     with autocast(), recording(keep_trunk) as seen, recording(keep_last) as seen_last, \
@@ -260,6 +266,7 @@ def generate(policy, tokenizer, prompts: list[Prompt], gen_cfg, eos_ids: list[in
     texts = tokenizer.batch_decode(torch.where(has_eos, tokenizer.pad_token_id, resp).tolist(), skip_special_tokens=True)
     return Rollout(
         trunk_hidden=_columns(seen, P + T), last_hidden=_columns(seen_last, P + T),
+        sampled_logprobs=None if sampler is None else torch.where(mask, torch.stack(sampler.logprobs, 1)[:, :T], 0.0),
         prompts=[p.text for p in prompts], responses=texts,
         messages=[p.messages or [dict(role="user", content=p.text)] for p in prompts],
         input_ids=torch.cat([prompt_ids, resp], dim=1), attention_mask=torch.cat([prompt_mask, mask.long()], dim=1),

@@ -262,8 +262,8 @@ def test_sampling_draws_from_the_policys_own_next_token_scores(tiny, tmp_path, m
 
 def test_scoring_reads_the_policys_hidden_states_kept_from_sampling(tiny, tmp_path):
     """With generation.keep_last_hidden the final norm's outputs recorded while sampling are the policy's hidden states
-    of a fresh forward (to fp32 rounding), scoring and the evaluation's KL run no policy forward, and a run equals
-    one that recomputes them to rounding."""
+    of a fresh forward and the sampler's log-probs its logits' (to fp32 rounding), scoring and the evaluation's KL
+    run no policy forward and scoring no policy head, and a run equals one that recomputes them to rounding."""
     from rlhf_fast.models import backbone, hidden_states
     from rlhf_fast.rollout import generate
 
@@ -279,20 +279,44 @@ def test_scoring_reads_the_policys_hidden_states_kept_from_sampling(tiny, tmp_pa
     valid = ro.attention_mask.bool().clone()
     valid[:, -1] = False
     torch.testing.assert_close(ro.last_hidden[valid], fresh[valid], rtol=0, atol=2e-6)  # measured: 4.8e-7 (values up to 3.6)
+    # the sampler's log-probs of the drawn tokens: the model's own logits' log_softmax at the sampling temperature
+    from rlhf_fast.models import position_ids
+
+    with torch.no_grad():
+        logits = trainer.policy(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                                position_ids=position_ids(ro.attention_mask)).logits.double()
+    temp = trainer.cfg.generation.temperature
+    ref = (logits[:, ro.prompt_len - 1:-1] / temp).log_softmax(-1).gather(-1, ro.response_ids.unsqueeze(-1)).squeeze(-1)
+    m = ro.response_mask
+    assert ro.sampled_logprobs.dtype == torch.float32 and not ro.sampled_logprobs[~m].any()
+    torch.testing.assert_close(ro.sampled_logprobs[m].double(), ref[m], rtol=0, atol=5e-6)  # measured: up to 7e-7 (values ~-6)
     trainer.cfg.model.trunk_cache_mb = 1e-4  # too big for the budget: nothing kept
     assert trainer.kept_last(prompts) is None
 
-    runs = {}
+    runs, counts = {}, {}
     for keep in (True, False):
         t = RLTrainer(tiny_config(tiny["policy"], tmp_path / str(keep), **{"ppo.iterations": 2, "eval.every": 1,
                                                                            "generation.keep_last_hidden": keep}))
         forwards, run = [], t.policy_hidden
         t.policy_hidden = lambda ro: forwards.append(torch.is_grad_enabled()) or run(ro)
+        heads, backend = [], t.backend
+
+        class Counting:  # the backend, counting its log-prob calls (the heads scoring runs)
+            def __getattr__(self, name):
+                return getattr(backend, name)
+
+            def logprobs(self, h, *a, **k):
+                heads.append(h.shape)
+                return backend.logprobs(h, *a, **k)
+
+        t.backend = Counting()
         t.train()
         assert all(forwards) == keep and len(forwards) > 0  # kept: only the update's forwards (with grad) remain
+        counts[keep] = len(heads)
         runs[keep] = [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "memory/"))}
                       for r in read_metrics(tmp_path / str(keep))]
+    assert 0 < 2 * counts[True] == counts[False]  # scoring runs the reference's head only: the sampler's log-probs are the policy's
     for a, b in zip(*runs.values()):
         assert a.keys() == b.keys()
-        for k in a:  # measured: up to 4.8e-7 apart (entropy ~5.9); losses ~1e-5 differ by 2e-8
+        for k in a:  # measured: up to 9e-7 apart (grad_norm ~1.4); losses ~1e-5 differ by ~2e-8
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k

@@ -318,7 +318,10 @@ class RLTrainer(Loop):
             labels = mb.labels
             h, rh = self.sampled_hidden(mb), self.ref_hidden(mb)
             with self.fp32():
-                lp = self.backend.logprobs(h, weight, labels, temp, **tf)
+                # with the last hidden states kept, the sampler's own log-probs of the drawn tokens are the old log-probs
+                # (the same weights, scores and temperature; equal to the head's on them to fp32 rounding)
+                lp = (torch.where(mb.response_mask, mb.sampled_logprobs, 0.0) if mb.last_hidden is not None and mb.sampled_logprobs is not None
+                      else self.backend.logprobs(h, weight, labels, temp, **tf))
                 ref_lp = self.backend.logprobs(rh, ref_weight, labels, temp, **tf)
                 if cfg.ppo.kl_estimator == "full":
                     kl = self.backend.kl(h, weight, rh, ref_weight, labels, temp, **tf)
