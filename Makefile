@@ -12,7 +12,7 @@ STAMP := $(VENV)/.rlhf_fast-installed
 
 .PHONY: demo test test-min bench-ops gpu-wheels setup clean
 
-demo: $(STAMP)  # PPO on SmolLM2-135M-Instruct with a VADER sentiment reward (~11 min on 2 CPU cores), then its curves
+demo: $(STAMP)  # PPO on SmolLM2-135M-Instruct with a VADER sentiment reward (~8 min on 2 CPU cores), then its curves
 	$(BIN)/rlhf-fast ppo --config configs/ppo_smollm2_sentiment.yaml
 	$(BIN)/rlhf-fast plot runs/ppo_smollm2_sentiment
 
