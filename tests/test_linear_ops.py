@@ -116,8 +116,23 @@ def test_linear_kl_matches_reference(backend, dtype, shape, seed, temperature, u
     g = torch.randn_like(ref)
     (kl * g.float()).sum().backward()
     (ref * g).sum().backward()
-    assert rel_err(h.grad, rh.grad, atol=1e-4) <= 10 * TOL[dtype]
-    assert rel_err(w.grad, rw.grad, atol=1e-4) <= 10 * TOL[dtype]
+    # A low-precision weight makes the backward recompute the logits in another tiling: fp32 rounding of z leaves
+    # ~1e-6 gradients where the exact ones are 0 (V = 1, where both heads give probability 1: measured norm 4e-6).
+    atol = 1e-4 if dtype == torch.float32 else 1e-3
+    assert rel_err(h.grad, rh.grad, atol=atol) <= 10 * TOL[dtype]
+    assert rel_err(w.grad, rw.grad, atol=atol) <= 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_kl_one_word_vocabulary(backend):
+    """V = 1: both heads give probability 1, so the KL and its gradients are 0 (bf16: to fp32 rounding of the logits)."""
+    for dtype, tol in ((torch.float32, 0.0), (torch.bfloat16, 1e-5)):
+        hidden, weight, _, _ = make_inputs(1048577, 13, 67, 1, dtype)
+        h, w = leaf(hidden), leaf(weight)
+        kl = ops.linear_kl(h, w, (hidden.float() + 0.5).to(dtype), (weight.float() + 0.1).to(dtype), None, temperature=0.3,
+                           backend=backend, chunk_size=3)
+        (kl * torch.randn_like(kl)).sum().backward()
+        assert kl.abs().max() == 0 and h.grad.abs().max() <= tol and w.grad.abs().max() <= tol  # measured bf16: 1.6e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
