@@ -137,7 +137,8 @@ def packed_linears(model: nn.Module, rows: int):
     """
     mkldnn = torch.ops.mkldnn
     patched, copies = [], {}
-    if torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight"):
+    usable = torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+    if usable and not torch.is_autocast_enabled("cpu"):  # under autocast every call would take its own forward: no copies
         for m in model.modules():
             w = m.weight if type(m) is nn.Linear else None
             if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and type(w.data) is Tensor:
@@ -152,7 +153,7 @@ def packed_linears(model: nn.Module, rows: int):
             del m.forward
 
 
-def sample_by_inversion(scores: Tensor, temperature: float) -> Tensor:
+def sample_by_inversion(scores: Tensor, temperature: float, return_logprobs: bool = False):
     """Next tokens drawn from softmax(scores / temperature) by inversion: one uniform per row against the row's
     cumulative distribution (float64), so a token of probability 0 (a -inf score) is never drawn.
 
@@ -161,7 +162,8 @@ def sample_by_inversion(scores: Tensor, temperature: float) -> Tensor:
     Uses the global torch RNG.
 
     Args: scores [B, V] float logits (a row needs one finite entry); temperature > 0.
-    Returns: [B] int64 token ids, scores' device.
+    Returns: [B] int64 token ids, scores' device; with ``return_logprobs`` also their [B] float32 log-probs (nats)
+    under softmax(scores / temperature), from the same scaled scores.
     Raises: ValueError naming the argument: scores not [B, V] floats, a row with no finite score or a NaN (the
     distribution is undefined), temperature not > 0.
     """
@@ -169,11 +171,15 @@ def sample_by_inversion(scores: Tensor, temperature: float) -> Tensor:
         raise ValueError(f"scores: expected a [B, V] float tensor, got {scores.dtype} {tuple(scores.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")
-    cdf = torch.softmax(scores.float() / temperature, dim=-1).double().cumsum(-1)
+    x = scores.float() / temperature
+    cdf = torch.softmax(x, dim=-1).double().cumsum(-1)
     if not bool(torch.isfinite(cdf[:, -1]).all()):  # generate syncs every step anyway (its stopping check)
         raise ValueError("scores: a row has no finite score, or a NaN: its softmax is undefined")
     u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    if not return_logprobs:
+        return token
+    return token, x.gather(1, token.unsqueeze(1)).squeeze(1) - x.logsumexp(-1)
 
 
 class _InversionSampler:
@@ -185,9 +191,8 @@ class _InversionSampler:
         self.temperature, self.logprobs = temperature, []
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        token = sample_by_inversion(scores, self.temperature)
-        x = scores.float() / self.temperature
-        self.logprobs.append(x.gather(1, token.unsqueeze(1)).squeeze(1) - x.logsumexp(-1))
+        token, logprobs = sample_by_inversion(scores, self.temperature, return_logprobs=True)
+        self.logprobs.append(logprobs)
         return torch.full_like(scores, float("-inf")).scatter_(1, token.unsqueeze(1), 0.0)
 
 

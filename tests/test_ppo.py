@@ -246,7 +246,7 @@ def test_sampling_draws_from_the_policys_own_next_token_scores(tiny, tmp_path, m
     from rlhf_fast.models import position_ids
 
     seen, real = [], rollout.sample_by_inversion
-    monkeypatch.setattr(rollout, "sample_by_inversion", lambda scores, temp: (seen.append(scores / temp), real(scores, temp))[1])
+    monkeypatch.setattr(rollout, "sample_by_inversion", lambda scores, temp, **kw: (seen.append(scores / temp), real(scores, temp, **kw))[1])
     trainer = RLTrainer(tiny_config(tiny["policy"], tmp_path, **{"generation.max_new_tokens": 6, "generation.temperature": 0.7}))
     torch.manual_seed(0)
     ro = rollout.generate(trainer.policy, trainer.tokenizer, trainer.data.train[:5], trainer.cfg.generation, trainer.eos_ids,

@@ -242,8 +242,7 @@ class RLTrainer(Loop):
         exceed ``model.trunk_cache_mb``. Policy and reference tops both run from it, so they see the same input."""
         if not self.keep_hidden or self.split is None:
             return None
-        columns = max(len(p.ids) for p in prompts) + self.cfg.generation.max_new_tokens
-        return self.split.boundary() if self.trunk_fits(len(prompts) * columns) else None
+        return self.split.boundary() if self.rollout_fits(prompts) else None
 
     def kept_last(self, prompts: list):
         """The policy's final norm, whose outputs sampling keeps as the rollout's ``last_hidden``, so that scoring and
@@ -254,12 +253,16 @@ class RLTrainer(Loop):
         norm = getattr(backbone(self.policy), "norm", None)
         if not (self.keep_hidden and self.cfg.generation.keep_last_hidden) or self.world.active or not isinstance(norm, torch.nn.Module):
             return None
-        columns = max(len(p.ids) for p in prompts) + self.cfg.generation.max_new_tokens
-        return norm if self.trunk_fits(len(prompts) * columns) else None
+        return norm if self.rollout_fits(prompts) else None
 
     def sampled_hidden(self, ro: Rollout) -> Tensor:
         """The policy's response hidden states: those sampling kept (``ro.last_hidden``), else a forward."""
         return self.policy_hidden(ro) if ro.last_hidden is None else self._response_positions(ro.last_hidden, ro)
+
+    def rollout_fits(self, prompts: list) -> bool:
+        """Whether one [B, P + T, H] fp32 tensor of the rollout of ``prompts`` fits ``model.trunk_cache_mb``."""
+        columns = max(len(p.ids) for p in prompts) + self.cfg.generation.max_new_tokens
+        return self.trunk_fits(len(prompts) * columns)
 
     def trunk_fits(self, positions: int) -> bool:
         """Whether the bottom's fp32 output for ``positions`` token positions fits ``model.trunk_cache_mb``."""
@@ -320,7 +323,7 @@ class RLTrainer(Loop):
             with self.fp32():
                 # with the last hidden states kept, the sampler's own log-probs of the drawn tokens are the old log-probs
                 # (the same weights, scores and temperature; equal to the head's on them to fp32 rounding)
-                lp = (torch.where(mb.response_mask, mb.sampled_logprobs, 0.0) if mb.last_hidden is not None and mb.sampled_logprobs is not None
+                lp = (mb.sampled_logprobs if mb.last_hidden is not None and mb.sampled_logprobs is not None  # 0 outside the mask
                       else self.backend.logprobs(h, weight, labels, temp, **tf))
                 ref_lp = self.backend.logprobs(rh, ref_weight, labels, temp, **tf)
                 if cfg.ppo.kl_estimator == "full":
