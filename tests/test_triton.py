@@ -526,10 +526,14 @@ def test_kernels_compile_for_hopper():
     bf16 = [row for row in report if row["dtype"] == "*bf16"]
     assert all(row["wgmma"] for row in bf16), [row for row in bf16 if not row["wgmma"]]
     # Spills in the GEMM main loop cost local-memory traffic on every K step; a few words in an epilogue do not.
-    # linear_kl's stats kernel holds two logits tiles: some candidates spill, so at least one per dtype must not.
-    heavy = [row for row in report if row["kernel"] != "_kl_stats_kernel" and row["spill"] > 64]
+    # Two variants hold more than one tile live: linear_kl's stats kernel (two logits tiles) and the softcapped stats
+    # kernel (the logits tile and its tanh; triton 3.6's ptxas spills its bf16 128x64x64 4-stage candidate, 3.7's
+    # does not). There some candidates may spill, since autotuning times them all, but at least one per dtype must not.
+    crowded = lambda row: row["kernel"] == "_kl_stats_kernel" or (row["kernel"] == "_stats_kernel" and row["softcap"])
+    heavy = [row for row in report if not crowded(row) and row["spill"] > 64]
     assert not heavy, heavy
-    for dtype in ("*bf16", "*fp32"):
-        for cap in (False, True):
-            assert min(r["spill"] for r in report if r["kernel"] == "_kl_stats_kernel" and r["dtype"] == dtype
-                       and r["softcap"] == cap) <= 64
+    for kernel in ("_kl_stats_kernel", "_stats_kernel"):
+        for dtype in ("*bf16", "*fp32"):
+            for cap in (False, True) if kernel == "_kl_stats_kernel" else (True,):
+                assert min(r["spill"] for r in report if r["kernel"] == kernel and r["dtype"] == dtype
+                           and r["softcap"] == cap) <= 64, (kernel, dtype, cap)
