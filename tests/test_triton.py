@@ -532,8 +532,7 @@ def test_kernels_compile_for_hopper():
     crowded = lambda row: row["kernel"] == "_kl_stats_kernel" or (row["kernel"] == "_stats_kernel" and row["softcap"])
     heavy = [row for row in report if not crowded(row) and row["spill"] > 64]
     assert not heavy, heavy
-    for kernel in ("_kl_stats_kernel", "_stats_kernel"):
-        for dtype in ("*bf16", "*fp32"):
-            for cap in (False, True) if kernel == "_kl_stats_kernel" else (True,):
-                assert min(r["spill"] for r in report if r["kernel"] == kernel and r["dtype"] == dtype
-                           and r["softcap"] == cap) <= 64, (kernel, dtype, cap)
+    spills = {}  # (kernel, dtype, softcap) -> its candidates' spills
+    for row in filter(crowded, report):
+        spills.setdefault((row["kernel"], row["dtype"], row["softcap"]), []).append(row["spill"])
+    assert len(spills) == 6 and all(min(s) <= 64 for s in spills.values()), spills  # linear_kl's 2 x 2, softcap's 2 dtypes
